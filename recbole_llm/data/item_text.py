@@ -1,0 +1,93 @@
+"""One text string per item, built from a RecBole dataset's item features.
+
+The ``.item`` atomic file is read directly (tab-separated, ``name:type`` headers), so values keep their exact
+spelling (a ``token_seq`` title is not re-joined from split tokens) and nothing has to be added to RecBole's
+``load_col``: RecBole baselines run on exactly the data they would without recbole_llm.
+
+Rendering follows CALRec's flattening of items into ``attribute: value`` pairs (CALRec §3.1, METHODS.md §1.1),
+e.g. ``Title: Toy Story, Genres: Animation Children's Comedy, Year: 1995``, with missing values written as
+``unknown``. A format template (``{movie_title} ({release_year})``) can replace the pair list.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+
+def read_item_table(path: str | Path) -> pd.DataFrame:
+    """Read a RecBole ``.item`` file as strings, with the ``:type`` suffixes stripped from column names."""
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    return table.rename(columns=lambda column: column.split(":")[0])
+
+
+@dataclass
+class ItemTextBuilder:
+    """Render items as text.
+
+    Args:
+        fields: ordered ``{label: field}``; an item renders as ``"label: value, label: value"``.
+            ``None`` uses every non-id column of the item file, labelled by its field name.
+        template: optional ``str.format`` template over field names; replaces the pair list.
+        missing: text for an empty or absent value.
+        separator: between ``label: value`` pairs.
+    """
+
+    fields: Mapping[str, str] | None = None
+    template: str | None = None
+    missing: str = "unknown"
+    separator: str = ", "
+    _columns: Sequence[str] = field(default=(), init=False, repr=False)
+
+    def render(self, record: Mapping[str, str]) -> str:
+        value = lambda name: (str(record.get(name, "") or "").strip() or self.missing)  # noqa: E731
+        if self.template is not None:
+            names = [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+            return self.template.format(**{name: value(name) for name in names})
+        return self.separator.join(f"{label}: {value(name)}" for label, name in self.fields.items())
+
+    def _check_fields(self, columns: Sequence[str], id_field: str, source: Path) -> None:
+        if self.fields is None:
+            self.fields = {name: name for name in columns if name != id_field}
+        wanted = (
+            [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+            if self.template is not None
+            else list(self.fields.values())
+        )
+        unknown = [name for name in wanted if name not in columns]
+        if unknown:
+            raise KeyError(
+                f"item text fields {unknown} are not columns of {source} (columns: {list(columns)}). "
+                "Set item_text_fields (e.g. {'Title': 'title'}) or item_text_template for this dataset."
+            )
+
+    def build_from_table(self, table: pd.DataFrame, id_field: str, item_tokens: Sequence[str], source=Path("?")):
+        """Texts aligned with ``item_tokens`` (RecBole's internal id order); index 0 is the padding item."""
+        self._check_fields(list(table.columns), id_field, source)
+        records = table.drop_duplicates(id_field).set_index(id_field).to_dict("index")
+        texts = [self.render(records.get(str(token), {})) for token in item_tokens]
+        texts[0] = ""
+        return texts
+
+    def build(self, dataset) -> list[str]:
+        """Texts for every internal item id of a RecBole ``Dataset`` (``texts[i]`` is item ``i``)."""
+        source = Path(dataset.dataset_path) / f"{dataset.dataset_name}.item"
+        item_tokens = dataset.field2id_token[dataset.iid_field]
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"{dataset.dataset_name} has no item file ({source}); LLM recommenders need item text. "
+                "Add a RecBole .item atomic file with at least a title column."
+            )
+        return self.build_from_table(read_item_table(source), dataset.iid_field, item_tokens, source)
+
+    @classmethod
+    def from_config(cls, config) -> "ItemTextBuilder":
+        return cls(
+            fields=config["item_text_fields"],
+            template=config["item_text_template"],
+            missing=config["item_text_missing"] or "unknown",
+        )

@@ -1,0 +1,1 @@
+"""One module per method; each registers its model class with ``@register_model``."""

@@ -1,0 +1,329 @@
+"""Orchestration: run one model, compare several on one split, tune, and reload checkpoints.
+
+Mirrors RecBole's ``quick_start`` (Config -> create_dataset -> data_preparation -> model -> Trainer) with the
+plugin's name lookup, and never imports ``recbole.quick_start`` (it imports ray). No FLOPs probe: it would run an
+LLM forward pass on a dummy row for nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+from logging import getLogger
+from pathlib import Path
+
+import torch
+from recbole.data import data_preparation
+from recbole.utils import ModelType, init_logger, init_seed, set_color
+
+from recbole_llm.config import Config, properties_dir
+from recbole_llm.data.assets import ensure_dataset_files
+from recbole_llm.registry import create_dataset, get_model, get_trainer
+
+# The evaluation protocol that must be identical for models to be compared on one table.
+PROTOCOL_KEYS = ("eval_args", "metrics", "topk", "valid_metric")
+
+
+@contextlib.contextmanager
+def sanitized_argv():
+    """RecBole's Config parses every ``--key=value`` in ``sys.argv``; API calls must not inherit them."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def make_config(model=None, dataset=None, config_file_list=None, config_dict=None) -> Config:
+    """A recbole_llm Config whose inputs are exactly the arguments (``sys.argv`` is ignored)."""
+    with sanitized_argv():
+        config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    benchmark = config["benchmark_filename"]
+    ensure_dataset_files(config["dataset"], config["data_path"], benchmark)
+    return config
+
+
+class PeakMemory:
+    """Peak resident memory of this process (sampled every 20 ms) and peak CUDA memory, within a ``with``."""
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak_rss_mib = 0.0
+        self.peak_gpu_mib = None
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak_rss_mib = max(self.peak_rss_mib, self._process.memory_info().rss / 2**20)
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss_mib = max(self.peak_rss_mib, self._process.memory_info().rss / 2**20)
+        if torch.cuda.is_available():
+            self.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
+
+
+def _reset_logger(config) -> logging.Logger:
+    logger = getLogger()
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+    init_logger(config)
+    return getLogger()
+
+
+def package_versions() -> dict[str, str]:
+    names = ("recbole-llm", "recbole", "torch", "transformers", "peft", "numpy", "pandas", "hyperopt")
+    versions = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def git_commit() -> str | None:
+    with contextlib.suppress(Exception):
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    return None
+
+
+def relevant_config(config) -> dict:
+    """The resolved settings that shape a result: the model's own keys, training and evaluation settings."""
+    import yaml
+
+    import recbole
+
+    keys = set(config.parameters["Training"]) | set(config.parameters["Evaluation"]) | {"seed", "reproducibility"}
+    model_yamls = [
+        Path(recbole.__file__).parent / "properties" / "model" / f"{config['model']}.yaml",
+        properties_dir() / "model" / f"{config['model']}.yaml",
+    ]
+    for path in model_yamls:
+        if path.is_file():
+            keys |= set(yaml.safe_load(path.read_text()) or {})
+    keys |= set(config.external_config_dict)
+    from recbole_llm.trainer.checkpoint import to_jsonable
+
+    return {key: to_jsonable(config[key]) for key in sorted(keys) if key in config.final_config_dict}
+
+
+def _floats(result) -> dict:
+    return {key: float(value) for key, value in (result or {}).items()}
+
+
+def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True) -> dict:
+    """Train and test one model (ours or RecBole's) and return a JSON-ready record of the run."""
+    config = make_config(model, dataset, config_file_list, config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    logger = _reset_logger(config)
+    logger.info(config)
+
+    with PeakMemory() as memory:
+        data = create_dataset(config)
+        logger.info(data)
+        train_data, valid_data, test_data = data_preparation(config, data)
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        logger.info(model_obj)
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
+        start = time.perf_counter()
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        )
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+        eval_seconds = time.perf_counter() - start
+
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    return {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "model_type": config["MODEL_TYPE"].name,
+        "best_valid_score": float(best_valid_score),
+        "valid_score_bigger": bool(config["valid_metric_bigger"]),
+        "valid_metric": config["valid_metric"],
+        "best_valid_result": _floats(best_valid_result),
+        "test_result": _floats(test_result),
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "peak_rss_mib": round(memory.peak_rss_mib, 1),
+        "peak_gpu_mib": None if memory.peak_gpu_mib is None else round(memory.peak_gpu_mib, 1),
+        "device": str(config["device"]),
+        "config": relevant_config(config),
+        "versions": package_versions(),
+        "commit": git_commit(),
+    }
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=False) -> dict:
+    """RecBole HyperTuning's objective: train on train, select on valid, report test (never used to select)."""
+    record = run_recbole_llm(config_file_list=config_file_list, config_dict=config_dict, saved=saved)
+    return {
+        "model": record["model"],
+        "best_valid_score": record["best_valid_score"],
+        "valid_score_bigger": record["valid_score_bigger"],
+        "best_valid_result": record["best_valid_result"],
+        "test_result": record["test_result"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ comparison
+def comparison_protocol(models, dataset, config_file_list=None, config_dict=None) -> dict:
+    """One evaluation protocol for all ``models``: the first sequential model's (else the first model's).
+
+    RecBole gives each model family its own default split (random 8:1:1 for general models, leave-one-out by
+    time for sequential ones). A comparison must use one: a sequential protocol works for every ranking model,
+    so it wins when any model is sequential. Settings the user gave explicitly are already shared by all.
+    CTR models (value metrics) and ranking models cannot share a table.
+    """
+    configs = [make_config(m, dataset, config_file_list, config_dict) for m in models]
+    eval_types = {c["eval_type"] for c in configs}
+    if len(eval_types) > 1:
+        kinds = ", ".join(f"{c['model']} ({c['eval_type'].name.lower()})" for c in configs)
+        raise ValueError(
+            f"Cannot compare ranking and value (CTR) models on one table: {kinds}. Compare them separately."
+        )
+    reference = next((c for c in configs if c["MODEL_TYPE"] == ModelType.SEQUENTIAL), configs[0])
+    return {key: reference[key] for key in PROTOCOL_KEYS}
+
+
+def compare_models(models, dataset, config_file_list=None, config_dict=None, saved=True, results_path=None):
+    """Run each model on the same dataset, split and metrics; return their records (also appended to JSON)."""
+    protocol = comparison_protocol(models, dataset, config_file_list, config_dict)
+    records = []
+    for name in models:
+        print(set_color(f"=== {name} on {dataset}", "green"), flush=True)
+        record = run_recbole_llm(name, dataset, config_file_list, {**protocol, **(config_dict or {})}, saved)
+        record["protocol"] = protocol
+        records.append(record)
+        if results_path:
+            append_results(results_path, record)
+    return records
+
+
+def append_results(path, record: dict) -> None:
+    """Append one JSON record per line (JSON Lines), so earlier runs are never lost."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _format_value(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def comparison_table(records) -> str:
+    """Markdown table, one column per model: valid and test metrics, train/eval seconds, peak memory.
+
+    The best test value of each metric is in bold (for metrics where smaller is better, the smallest).
+    """
+    from recbole.evaluator.register import smaller_metrics
+
+    models = [r["model"] for r in records]
+    metrics = list(records[0]["test_result"])
+    lines = ["| | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for split, key in (("valid", "best_valid_result"), ("test", "test_result")):
+        for metric in metrics:
+            values = [r[key].get(metric) for r in records]
+            present = [v for v in values if v is not None]
+            best = (min if metric.split("@")[0] in smaller_metrics else max)(present) if present else None
+            cells = [
+                f"**{_format_value(v)}**" if split == "test" and v == best and len(records) > 1 else _format_value(v)
+                for v in values
+            ]
+            lines.append(f"| {split} {metric} | " + " | ".join(cells) + " |")
+    for label, key in (("train s", "train_seconds"), ("eval s", "eval_seconds"),
+                       ("peak RSS MiB", "peak_rss_mib"), ("peak GPU MiB", "peak_gpu_mib")):
+        if any(r.get(key) is not None for r in records):
+            lines.append(f"| {label} | " + " | ".join(_format_value(r.get(key), 1) for r in records) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ tuning
+def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_file_list=None, config_dict=None,
+         early_stop=10):
+    """RecBole HyperTuning over ``params_file`` (RecBole's syntax) for any model name, selecting on validation.
+
+    Returns ``(hyper_tuning, trials)`` where ``trials`` is a list of ``{params, valid_score, valid, test}``.
+    """
+    import os
+    from functools import partial
+
+    from recbole.trainer import HyperTuning
+
+    base = {"model": model, "dataset": dataset, **(config_dict or {})}
+    seed = make_config(model, dataset, config_file_list, config_dict)["seed"]
+    os.environ.setdefault("HYPEROPT_FMIN_SEED", str(seed))  # random / bayes draws are reproducible
+
+    def objective(params, fixed_config_file_list=None):
+        return objective_function({**base, **params}, fixed_config_file_list)
+
+    grid = algo == "exhaustive"
+    hyper = HyperTuning(
+        objective, params_file=str(params_file), fixed_config_file_list=config_file_list, algo=algo,
+        max_evals=max_evals, early_stop=10**9 if grid else early_stop,
+    )
+    hyper.run()
+    trials = [
+        {"params": params, "valid_score": float(result["best_valid_score"]),
+         "valid": _floats(result["best_valid_result"]), "test": _floats(result["test_result"])}
+        for params, result in hyper.params2result.items()
+    ]
+    return hyper, trials
+
+
+def trials_table(trials, valid_metric: str) -> str:
+    metrics = list(trials[0]["test"]) if trials else []
+    lines = [f"| params | valid {valid_metric} | " + " | ".join(f"test {m}" for m in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for t in trials:
+        lines.append(f"| {t['params']} | {t['valid_score']:.4f} | "
+                     + " | ".join(f"{t['test'][m]:.4f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ reloading
+def load_model(path, with_data: bool = True):
+    """Rebuild a trained recbole_llm model from a checkpoint directory (``<run dir>/best``).
+
+    Returns ``(config, model, dataset, train_data, valid_data, test_data)`` like RecBole's
+    ``load_data_and_model``; with ``with_data=False`` the three loaders are ``None``.
+    """
+    from recbole_llm.trainer.checkpoint import load_weights, read_meta
+
+    meta = read_meta(path)
+    config = make_config(meta["model"], meta["dataset"], config_dict=meta["config"])
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    load_weights(path, model)
+    model.eval()
+    if not with_data:
+        train_data = valid_data = test_data = None
+    return config, model, dataset, train_data, valid_data, test_data

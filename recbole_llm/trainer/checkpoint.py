@@ -1,0 +1,93 @@
+"""Checkpoints that hold only what training changed, as safetensors, plus a JSON description.
+
+A checkpoint is a directory::
+
+    model.safetensors    trainable parameters and the model's own (non-backbone) state
+    recbole_llm.json     model, dataset, the user's config, training progress, package versions
+    optimizer.pt         optimizer state (resume checkpoints only; tensors and numbers, loads with weights_only)
+
+Nothing is pickled, so everything loads with torch's safe defaults. The frozen pretrained backbone is not
+saved: it is rebuilt from ``llm_path``. A model marks its backbone sub-modules with a class attribute
+``backbone_modules = ("llm",)``; parameters under them are saved only when trainable (LoRA adapters, new
+token rows). Models without the attribute are saved whole.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from recbole_llm.data.assets import write_dir_atomically
+
+WEIGHTS = "model.safetensors"
+META = "recbole_llm.json"
+OPTIMIZER = "optimizer.pt"
+FORMAT_VERSION = 1
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State to save: everything outside ``model.backbone_modules``, plus the trainable tensors inside them."""
+    prefixes = tuple(f"{name}." for name in getattr(model, "backbone_modules", ()))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {
+        name: tensor.detach().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
+        for name, tensor in model.state_dict().items()
+        if not name.startswith(prefixes) or name in trainable
+    }
+
+
+def to_jsonable(value):
+    """Config values as JSON: enums and devices become strings, unknown objects are dropped (None)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.device):
+        return str(value)
+    return None
+
+
+def save_checkpoint(path, model, meta: dict, optimizer=None) -> Path:
+    """Write a checkpoint directory atomically (an interrupted save never leaves a broken checkpoint)."""
+
+    def fill(tmp: Path) -> None:
+        save_file(trainable_state_dict(model), tmp / WEIGHTS)
+        (tmp / META).write_text(json.dumps({"format": FORMAT_VERSION, **to_jsonable(meta)}, indent=2))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+
+    return write_dir_atomically(Path(path), fill, overwrite=True)
+
+
+def read_meta(path) -> dict:
+    meta_file = Path(path) / META
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a recbole_llm checkpoint (no {META}).")
+    return json.loads(meta_file.read_text())
+
+
+def load_weights(path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's tensors into ``model``; every saved tensor must find its place."""
+    state = load_file(Path(path) / WEIGHTS, device="cpu")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(
+            f"Checkpoint {path} does not match {type(model).__name__}: unexpected tensors "
+            f"{result.unexpected_keys[:5]}. Was it saved with a different model configuration?"
+        )
+
+
+def load_optimizer(path, optimizer) -> bool:
+    file = Path(path) / OPTIMIZER
+    if not file.is_file():
+        return False
+    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    return True

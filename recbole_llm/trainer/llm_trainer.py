@@ -1,0 +1,182 @@
+"""LLMTrainer: RecBole's Trainer for models with an LLM backbone.
+
+RecBole's ``fit`` loop (validation, early stopping, logging) is kept as is; only its hooks are overridden:
+
+* ``_build_optimizer``: optimises trainable parameters only (LoRA adapters, heads), not the frozen backbone.
+* ``_train_epoch``: gradient accumulation, bf16 autocast on a GPU, clipping over trainable parameters,
+  a progress bar with the running loss, and token throughput (``model.last_batch_tokens`` if the model sets it).
+* ``_save_checkpoint`` / ``evaluate``: checkpoints are safetensors directories holding only trainable weights
+  (see :mod:`recbole_llm.trainer.checkpoint`); nothing is pickled.
+* resume: after every epoch the trainer writes ``<run dir>/last`` (weights, optimizer, progress); a rerun of the
+  same configuration continues from it instead of retraining (``resume: False`` to start over).
+
+The run directory ``<checkpoint_dir>/<model>-<dataset>-<fingerprint>`` is keyed by the user's configuration, so
+different settings never share checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+from torch.nn.utils import clip_grad_norm_
+from tqdm.auto import tqdm
+
+from recbole_llm.trainer.checkpoint import (
+    META,
+    load_optimizer,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+    to_jsonable,
+)
+
+# Keys that change how long or how verbosely a run goes, not what it computes.
+_VOLATILE_KEYS = {
+    "epochs", "eval_step", "stopping_step", "show_progress", "state", "checkpoint_dir", "gpu_id", "use_gpu",
+    "resume", "save_dataset", "save_dataloaders", "log_wandb", "wandb_project", "worker", "nproc",
+    "eval_batch_size", "data_path", "dataset_save_path", "dataloaders_save_path",
+}
+
+
+def run_fingerprint(config) -> str:
+    """Short hash of everything the user set that shapes the trained weights."""
+    external = {k: v for k, v in config.external_config_dict.items() if k not in _VOLATILE_KEYS}
+    payload = {"model": config["model"], "dataset": config["dataset"], "config": to_jsonable(external)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+class LLMTrainer(Trainer):
+    """Trainer for recbole_llm models; see the module docstring for what differs from RecBole's."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"] or 1))
+        self.resume = bool(config["resume"])
+        self.fingerprint = run_fingerprint(config)
+        self.run_dir = Path(self.checkpoint_dir) / f"{config['model']}-{config['dataset']}-{self.fingerprint}"
+        self.saved_model_file = str(self.run_dir / "best")
+        self.last_checkpoint = self.run_dir / "last"
+        use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self._validating = False
+
+    # ---------------------------------------------------------------------------------------------- training
+    def _trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _build_optimizer(self, **kwargs):
+        kwargs.setdefault("params", self._trainable_parameters())
+        return super()._build_optimizer(**kwargs)
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        n_batches = len(train_data)
+        total_loss = None
+        progress = tqdm(
+            train_data, total=n_batches, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"),
+            disable=not show_progress,
+        )
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, interaction in enumerate(progress):
+            interaction = interaction.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                losses = loss_func(interaction)
+            loss = sum(losses) if isinstance(losses, tuple) else losses
+            self._check_nan(loss)
+            window_start = step - step % self.accumulation_steps
+            window = min(self.accumulation_steps, n_batches - window_start)
+            (loss / window).backward()
+            if step + 1 == window_start + window:
+                if self.clip_grad_norm:
+                    clip_grad_norm_(self._trainable_parameters(), **self.clip_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            values = tuple(l.item() for l in losses) if isinstance(losses, tuple) else loss.item()
+            total_loss = values if total_loss is None else (
+                tuple(a + b for a, b in zip(total_loss, values)) if isinstance(values, tuple) else total_loss + values
+            )
+            self.train_tokens += int(getattr(self.model, "last_batch_tokens", 0))
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+        self.train_seconds += time.perf_counter() - start
+        return total_loss
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def _meta(self, epoch: int, **extra) -> dict:
+        import recbole
+
+        import recbole_llm
+
+        return {
+            "model": self.config["model"],
+            "dataset": self.config["dataset"],
+            "config": self.config.external_config_dict,
+            "fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": {k: float(v) for k, v in (self.best_valid_result or {}).items()},
+            "versions": {"recbole_llm": recbole_llm.__version__, "recbole": recbole.__version__,
+                         "torch": torch.__version__},
+            **extra,
+        }
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        path = Path(kwargs.get("saved_model_file", self.saved_model_file))
+        if epoch < 0 and (path / META).is_file():
+            return  # fit() with no epochs left: keep the best checkpoint it already has
+        save_checkpoint(path, self.model, self._meta(epoch))
+        if not self._validating:  # no validation this run: every epoch's save is also the resume point
+            self._save_last(epoch)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {path}")
+
+    def _save_last(self, epoch: int) -> None:
+        finished = self.cur_step > self.stopping_step  # RecBole's early-stopping condition
+        save_checkpoint(self.last_checkpoint, self.model, self._meta(epoch, finished=finished), self.optimizer)
+
+    def _resume_from_last(self) -> None:
+        if not (self.last_checkpoint / META).is_file():
+            return
+        meta = read_meta(self.last_checkpoint)
+        if meta.get("fingerprint") != self.fingerprint:
+            return
+        load_weights(self.last_checkpoint, self.model)
+        load_optimizer(self.last_checkpoint, self.optimizer)
+        self.start_epoch = self.epochs if meta.get("finished") else meta["epoch"] + 1
+        self.cur_step = meta["cur_step"]
+        self.best_valid_score = meta["best_valid_score"]
+        self.best_valid_result = meta["best_valid_result"] or None
+        self.logger.info(
+            set_color("Resuming", "blue") + f" from {self.last_checkpoint} (epoch {meta['epoch']} done, "
+            f"best valid score {self.best_valid_score:.4f})"
+        )
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._validating = bool(valid_data) and self.eval_step > 0
+        if self.resume and saved:
+            self._resume_from_last()
+
+        def after_validation(epoch_idx, valid_score):
+            if saved:
+                self._save_last(epoch_idx)
+            if callback_fn is not None:
+                callback_fn(epoch_idx, valid_score)
+
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and eval_data:
+            checkpoint = model_file or self.saved_model_file
+            load_weights(checkpoint, self.model)
+            self.logger.info(f"Loading trainable weights from {checkpoint}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
