@@ -268,7 +268,8 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_fi
          early_stop=10):
     """RecBole HyperTuning over ``params_file`` (RecBole's syntax) for any model name, selecting on validation.
 
-    Returns ``(hyper_tuning, trials)`` where ``trials`` is a list of ``{params, valid_score, valid, test}``.
+    Returns ``(hyper_tuning, trials)`` where ``trials`` lists ``{params, valid_score, valid, test}`` in run order;
+    ``hyper_tuning.best_params`` is the trial with the best *validation* score (test is reported, never used).
     """
     import os
     from functools import partial
@@ -279,8 +280,13 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_fi
     seed = make_config(model, dataset, config_file_list, config_dict)["seed"]
     os.environ.setdefault("HYPEROPT_FMIN_SEED", str(seed))  # random / bayes draws are reproducible
 
+    trials = []
+
     def objective(params, fixed_config_file_list=None):
-        return objective_function({**base, **params}, fixed_config_file_list)
+        result = objective_function({**base, **params}, fixed_config_file_list)
+        trials.append({"params": dict(params), "valid_score": result["best_valid_score"],
+                       "valid": result["best_valid_result"], "test": result["test_result"]})
+        return result
 
     grid = algo == "exhaustive"
     hyper = HyperTuning(
@@ -288,11 +294,6 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_fi
         max_evals=max_evals, early_stop=10**9 if grid else early_stop,
     )
     hyper.run()
-    trials = [
-        {"params": params, "valid_score": float(result["best_valid_score"]),
-         "valid": _floats(result["best_valid_result"]), "test": _floats(result["test_result"])}
-        for params, result in hyper.params2result.items()
-    ]
     return hyper, trials
 
 
@@ -301,7 +302,8 @@ def trials_table(trials, valid_metric: str) -> str:
     lines = [f"| params | valid {valid_metric} | " + " | ".join(f"test {m}" for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for t in trials:
-        lines.append(f"| {t['params']} | {t['valid_score']:.4f} | "
+        params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
+        lines.append(f"| {params} | {t['valid_score']:.4f} | "
                      + " | ".join(f"{t['test'][m]:.4f}" for m in metrics) + " |")
     return "\n".join(lines)
 

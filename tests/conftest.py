@@ -1,0 +1,67 @@
+"""Shared fixtures: every test runs in its own working directory (RecBole writes ./log, ./saved), with a clean
+``sys.argv`` (RecBole parses every ``--key=value``), on the CPU, with a small ml-100k subset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import recbole_llm  # noqa: F401  (applies the compat shims before any RecBole import below)
+
+TINY = "ml-tiny"
+N_USERS = 60
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch, tmp_path_factory):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    cache = tmp_path_factory.getbasetemp() / "recbole_llm_cache"
+    monkeypatch.setenv("RECBOLE_LLM_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+
+
+def _ml100k_dir() -> Path:
+    import recbole
+
+    return Path(recbole.__file__).parent / "dataset_example" / "ml-100k"
+
+
+@pytest.fixture(scope="session")
+def data_path(tmp_path_factory) -> Path:
+    """``<data_path>/ml-tiny``: the interactions of ml-100k's first 60 users, and the full item file."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / TINY
+    folder.mkdir()
+    source = _ml100k_dir()
+    inter = pd.read_csv(source / "ml-100k.inter", sep="\t", dtype=str)
+    inter = inter[inter["user_id:token"].astype(int) <= N_USERS]
+    inter.to_csv(folder / f"{TINY}.inter", sep="\t", index=False)
+    (folder / f"{TINY}.item").write_bytes((source / "ml-100k.item").read_bytes())
+    return root
+
+
+@pytest.fixture
+def base_config(data_path, tmp_path) -> dict:
+    return {
+        "data_path": str(data_path),
+        "gpu_id": "",
+        "state": "ERROR",
+        "epochs": 1,
+        "show_progress": False,
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "seed": 2020,
+        "reproducibility": True,
+        "eval_batch_size": 4096,
+        "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
+    }
+
+
+@pytest.fixture
+def small_sasrec() -> dict:
+    return {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 10,
+            "train_batch_size": 256}

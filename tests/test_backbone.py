@@ -1,0 +1,76 @@
+"""LLM backbone loading: aliases, GGUF, offline errors, dtype/quantization checks, LoRA and 4-bit QLoRA on CPU."""
+
+import time
+
+import pytest
+import torch
+
+from recbole_llm.llm.backbone import BackboneNotFoundError, LoraSpec, load_backbone, resolve_llm_path
+
+
+def _logits(model, tokenizer, text="The next item bought is as follows."):
+    batch = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_tiny_random_is_deterministic_and_has_no_bos_assumption():
+    model_a, tok = load_backbone("tiny-random")
+    model_b, _ = load_backbone("tiny-random")
+    assert torch.equal(_logits(model_a, tok), _logits(model_b, tok))
+    assert tok.bos_token is None and tok.pad_token == tok.eos_token
+    assert tok.decode(tok("Title: Heat, Year: 1995").input_ids) == "Title: Heat, Year: 1995"
+
+
+def test_lora_leaves_only_adapters_trainable():
+    model, _ = load_backbone("tiny-random", lora=LoraSpec(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("q_proj" in name for name in trainable) and not any("k_proj" in name for name in trainable)
+
+
+def test_qlora_4bit_training_step_on_cpu():
+    import bitsandbytes as bnb
+
+    model, tok = load_backbone("tiny-random", quantization="4bit", lora=LoraSpec(r=4))
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.k_proj, bnb.nn.Linear4bit)
+    batch = tok(["The user watched the following movies"], return_tensors="pt")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(**batch, labels=batch.input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_smollm2_alias_converts_the_bundled_gguf_once():
+    path, local_only = resolve_llm_path("smollm2-135m")
+    assert local_only and (path.endswith(".Q4_1-" + path.rsplit("-", 1)[-1]))
+    model, tok = load_backbone("smollm2-135m")
+    assert tok.eos_token == "<|im_end|>" and model.config.vocab_size == 49152
+    start = time.perf_counter()
+    load_backbone("smollm2-135m")
+    assert time.perf_counter() - start < 10  # the second load reads the converted cache
+
+
+def test_unreachable_hub_id_fails_fast_with_a_useful_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(BackboneNotFoundError, match="smollm2-135m.*local model directory"):
+        load_backbone("someone/some-model")
+    assert time.perf_counter() - start < 10
+
+
+def test_missing_local_directory_is_reported(tmp_path):
+    with pytest.raises(BackboneNotFoundError, match="no such directory"):
+        load_backbone(str(tmp_path / "nothing" / "here"))
+
+
+@pytest.mark.parametrize("kwargs, pattern", [({"dtype": "fp8"}, "llm_dtype"), ({"quantization": "3bit"}, "llm_quantization")])
+def test_bad_options_name_the_key_and_allowed_values(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_backbone("tiny-random", **kwargs)

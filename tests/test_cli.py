@@ -1,0 +1,55 @@
+"""run_recbole_llm.py as a user runs it: errors, comparison table, JSON records, tuning."""
+
+import json
+from pathlib import Path
+
+from recbole_llm.cli import main
+
+
+def _flags(config: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in config.items()]
+
+
+def test_unknown_model_exits_2_and_lists_models(capsys):
+    assert main(["--model=NotAModel"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown model 'NotAModel'" in err and "SASRec" in err and "LightGCN" in err
+
+
+def test_unknown_dataset_names_the_path_looked_in(base_config, capsys):
+    assert main(["--model=BPR", "--dataset=no-such-data", f"--data_path={base_config['data_path']}"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-data.inter" in err and base_config["data_path"] in err and "ml-1m" in err
+
+
+def test_comparison_prints_table_and_writes_records(base_config, small_sasrec, capsys, tmp_path):
+    flags = _flags({**base_config, **small_sasrec})
+    code = main(["--model=Pop,BPR,SASRec", "--dataset=ml-tiny", "--results=runs.jsonl", "--table=cmp.md", *flags])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| | Pop | BPR | SASRec |" in out and "test ndcg@10" in out and "peak RSS MiB" in out
+    assert "split {'LS': 'valid_and_test'}" in out  # one sequential protocol for all three
+    records = [json.loads(line) for line in Path("runs.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in records] == ["Pop", "BPR", "SASRec"]
+    assert len({json.dumps(r["protocol"], sort_keys=True) for r in records}) == 1
+    for record in records:
+        assert set(record["test_result"]) == {"recall@10", "mrr@10", "ndcg@10", "hit@10", "precision@10"}
+        assert record["train_seconds"] > 0 and record["peak_rss_mib"] > 0
+        assert record["versions"]["recbole"] == "1.2.1"
+    assert records[2]["config"]["hidden_size"] == 16
+    assert Path("cmp.md").read_text().count("|") > 20
+
+
+def test_tuning_selects_on_validation_and_writes_trials(base_config, capsys, tmp_path):
+    params = tmp_path / "bpr.hyper"
+    params.write_text("learning_rate choice [0.0001,0.01]\n")
+    code = main(["--model=BPR", "--dataset=ml-tiny", f"--tune={params}", "--table=tune.md", *_flags(base_config)])
+    assert code == 0
+    report = json.loads(Path("tune.json").read_text())
+    assert len(report["trials"]) == 2
+    best = max(report["trials"], key=lambda t: t["valid_score"])
+    assert report["best_params"] == best["params"]
+    assert {t["params"]["learning_rate"] for t in report["trials"]} == {0.0001, 0.01}
+    assert f"best parameters (selected on valid MRR@10): learning_rate:{best['params']['learning_rate']}" in (
+        capsys.readouterr().out
+    )

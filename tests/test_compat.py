@@ -1,0 +1,93 @@
+"""Each shim in recbole_llm.compat, tested so that the test fails without it."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from recbole.config import Config as RecBoleConfig
+from recbole.data import create_dataset, data_preparation
+from recbole.trainer import HyperTuning, Trainer
+from recbole.utils import get_model, init_seed
+
+from recbole_llm import compat
+
+
+def test_numpy_aliases_that_recbole_uses_exist():
+    for name in ("float", "int", "bool", "long", "float_", "bool8", "str", "object"):
+        assert hasattr(np, name), name
+    assert np.float_ is np.float64
+
+
+def test_recbole_config_builds_on_numpy_2(base_config):
+    # RecBole's own compatibility_settings assigns np.float_ and raises on numpy 2.
+    config = RecBoleConfig("BPR", "ml-tiny", config_dict=base_config)
+    assert config["model"] == "BPR"
+
+
+def _train_bpr(base_config):
+    config = RecBoleConfig("BPR", "ml-tiny", config_dict=base_config)
+    init_seed(config["seed"], config["reproducibility"])
+    train, valid, test = data_preparation(config, create_dataset(config))
+    model = get_model("BPR")(config, train._dataset)
+    trainer = Trainer(config, model)
+    trainer.fit(train, valid, saved=True)
+    return trainer, test
+
+
+def test_best_model_reload_works_under_torch_weights_only(base_config):
+    trainer, test = _train_bpr(base_config)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    result = trainer.evaluate(test, load_best_model=True)  # torch.load of a pickled Config
+    assert set(result) >= {"recall@10", "ndcg@10"}
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+class Opaque:
+    """Any Python object in a checkpoint needs full unpickling."""
+
+
+def test_weights_only_stays_on_for_other_files(tmp_path):
+    path = tmp_path / "foreign.pth"
+    torch.save({"obj": Opaque()}, path)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
+        torch.load(path)
+    with pytest.raises(compat.CheckpointNotTrustedError, match="not written by this process"):
+        compat.load_recbole_checkpoint(str(path))
+
+
+def test_exhaustive_search_enumerates_the_whole_grid_once():
+    seen = []
+
+    def objective(params, fixed=None):
+        seen.append((params["a"], params["b"]))
+        return {"model": "X", "best_valid_score": params["a"] * 10 + params["b"], "valid_score_bigger": True,
+                "best_valid_result": {}, "test_result": {}}
+
+    hyper = HyperTuning(objective, params_dict={"choice": {"a": [1, 2], "b": [3, 4, 5]}}, algo="exhaustive",
+                        early_stop=100)
+    hyper.run()
+    assert sorted(seen) == [(a, b) for a in (1, 2) for b in (3, 4, 5)]
+    assert hyper.best_params == {"a": 2, "b": 5}
+
+
+def test_exhaustive_search_rejects_continuous_parameters():
+    from recbole.trainer.hyper_tuning import ExhaustiveSearchError
+
+    hyper = HyperTuning(lambda p, f=None: None, params_dict={"uniform": {"lr": [0.1, 0.2]}}, algo="exhaustive")
+    with pytest.raises(ExhaustiveSearchError, match="random or --tune_algo=bayes"):
+        hyper.run()
+
+
+def test_scipy_dok_matrix_update_is_available():
+    matrix = sp.dok_matrix((3, 3), dtype=np.float32)
+    matrix._update({(0, 1): 1.0, (2, 2): 3.0})
+    assert matrix.nnz == 2 and matrix[2, 2] == 3.0
+
+
+def test_import_never_pulls_in_ray_or_recbole_quick_start():
+    code = "import sys, recbole_llm; print('ray' in sys.modules, 'recbole.quick_start' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

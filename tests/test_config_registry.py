@@ -1,0 +1,75 @@
+"""Name lookup (plugin first, then RecBole), config layering, and equality with RecBole's own pipeline."""
+
+import pytest
+from recbole.config import Config as RecBoleConfig
+from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender import SASRec
+from recbole.trainer import Trainer
+from recbole.utils import get_model as recbole_get_model
+from recbole.utils import init_seed
+
+from recbole_llm import Config, get_model, list_models, run_recbole_llm
+from recbole_llm.config import properties_dir
+from recbole_llm.registry import UnknownModelError
+
+
+def test_recbole_models_resolve_through_the_plugin_lookup():
+    assert get_model("SASRec") is SASRec
+
+
+def test_plugin_model_resolves_by_name_and_is_listed():
+    from toy_llm import ToyLLMRec
+
+    assert get_model("ToyLLMRec") is ToyLLMRec
+    plugin, recbole = list_models()
+    assert "ToyLLMRec" in plugin and "SASRec" in recbole and "LightGCN" in recbole
+
+
+def test_unknown_model_names_every_available_model():
+    with pytest.raises(UnknownModelError) as err:
+        get_model("NotAModel")
+    message = str(err.value)
+    assert "NotAModel" in message and "SASRec" in message and "BERT4Rec" in message
+
+
+def test_properties_folder_is_found():
+    assert (properties_dir() / "overall.yaml").is_file()
+
+
+def test_model_name_from_config_dict_alone(base_config):
+    # HyperTuning and load_model pass the model only inside the config dict.
+    config = Config(config_dict={**base_config, "model": "ToyLLMRec", "dataset": "ml-tiny"})
+    assert config["model"] == "ToyLLMRec" and config["MODEL_TYPE"].name == "SEQUENTIAL"
+
+
+def test_layering_plugin_defaults_then_dataset_then_user(base_config):
+    config = Config("BPR", "ml-100k", config_dict={"gpu_id": "", "lora_r": 4})
+    assert config["lora_alpha"] == 16  # plugin overall.yaml
+    assert config["lora_r"] == 4  # config_dict beats plugin defaults
+    assert config["item_text_fields"]["Title"] == "movie_title"  # plugin dataset/ml-100k.yaml
+    assert "item_text_fields" in config.parameters["Dataset"]  # invalidates RecBole's dataset cache
+
+
+def test_sequential_ce_models_start_without_negative_sampling(base_config):
+    with pytest.raises(ValueError, match="should be None when the loss_type is CE"):
+        RecBoleConfig("SASRec", "ml-tiny", config_dict=base_config)
+    config = Config("SASRec", "ml-tiny", config_dict=base_config)
+    assert config["train_neg_sample_args"]["distribution"] == "none"
+
+
+def test_sasrec_through_recbole_llm_matches_recbole_pipeline(base_config, small_sasrec):
+    settings = {**base_config, **small_sasrec, "epochs": 2, "train_neg_sample_args": None}
+    ours = run_recbole_llm("SASRec", "ml-tiny", config_dict=settings)
+
+    config = RecBoleConfig("SASRec", "ml-tiny", config_dict=settings)
+    init_seed(config["seed"], config["reproducibility"])
+    train, valid, test = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = recbole_get_model("SASRec")(config, train._dataset)
+    trainer = Trainer(config, model)
+    best_valid_score, _ = trainer.fit(train, valid, saved=True)
+    theirs = trainer.evaluate(test, load_best_model=True)
+
+    assert ours["best_valid_score"] == pytest.approx(float(best_valid_score), abs=0)
+    assert ours["test_result"] == {k: float(v) for k, v in theirs.items()}
+    assert ours["test_result"]["recall@10"] > 0
