@@ -41,10 +41,12 @@ class BM25Index:
         norm = k1 * (1 - b + b * doc_len / doc_len.mean())  # per document
         tf = tf.tocoo()
         weights = idf[tf.col] * tf.data * (k1 + 1) / (tf.data + norm[tf.row])
-        self.weights = sp.csr_matrix((weights, (tf.col, tf.row)), shape=(tf.shape[1], n_docs))  # [V, n_docs]
+        # [n_docs, V], column-compressed so that a batch only touches the columns of its query terms
+        self.weights = sp.csc_matrix((weights, (tf.row, tf.col)), shape=tf.shape)
         self.idf = idf
 
     def _count_matrix(self, token_lists: Sequence[Sequence[str]], grow: bool) -> sp.csr_matrix:
+        """Term counts ``[len(token_lists), V]``; with ``grow`` unseen tokens extend the vocabulary."""
         rows, cols = [], []
         for row, tokens in enumerate(token_lists):
             for token in tokens:
@@ -61,4 +63,9 @@ class BM25Index:
 
     def scores(self, queries: Sequence[Sequence[str]]) -> np.ndarray:
         """BM25 score of every document for every tokenised query: ``[len(queries), n_docs]``."""
-        return (self._count_matrix(queries, grow=False) @ self.weights).toarray()
+        counts = self._count_matrix(queries, grow=False).tocsc()
+        terms = np.flatnonzero(np.diff(counts.indptr))  # vocabulary columns the batch uses
+        if terms.size == 0:
+            return np.zeros((len(queries), self.weights.shape[0]))
+        # sparse [n_docs, k] @ dense [k, n_queries]: memory grows with the batch's terms, not the vocabulary
+        return np.asarray(self.weights[:, terms] @ counts[:, terms].toarray().T).T
