@@ -18,13 +18,16 @@ from importlib import metadata
 from logging import getLogger
 from pathlib import Path
 
+import recbole
 import torch
+import yaml
 from recbole.data import data_preparation
 from recbole.utils import ModelType, init_logger, init_seed, set_color
 
 from recbole_llm.config import Config, properties_dir
 from recbole_llm.data.assets import ensure_dataset_files
 from recbole_llm.registry import create_dataset, get_model, get_trainer
+from recbole_llm.trainer.checkpoint import load_weights, read_meta, to_jsonable
 
 # The evaluation protocol that must be identical for models to be compared on one table.
 PROTOCOL_KEYS = ("eval_args", "metrics", "topk", "valid_metric")
@@ -110,10 +113,6 @@ def git_commit() -> str | None:
 
 def relevant_config(config) -> dict:
     """The resolved settings that shape a result: the model's own keys, training and evaluation settings."""
-    import yaml
-
-    import recbole
-
     keys = set(config.parameters["Training"]) | set(config.parameters["Evaluation"]) | {"seed", "reproducibility"}
     model_yamls = [
         Path(recbole.__file__).parent / "properties" / "model" / f"{config['model']}.yaml",
@@ -123,8 +122,6 @@ def relevant_config(config) -> dict:
         if path.is_file():
             keys |= set(yaml.safe_load(path.read_text()) or {})
     keys |= set(config.external_config_dict)
-    from recbole_llm.trainer.checkpoint import to_jsonable
-
     return {key: to_jsonable(config[key]) for key in sorted(keys) if key in config.final_config_dict}
 
 
@@ -315,8 +312,6 @@ def load_model(path, with_data: bool = True):
     Returns ``(config, model, dataset, train_data, valid_data, test_data)`` like RecBole's
     ``load_data_and_model``; with ``with_data=False`` the three loaders are ``None``.
     """
-    from recbole_llm.trainer.checkpoint import load_weights, read_meta
-
     meta = read_meta(path)
     config = make_config(meta["model"], meta["dataset"], config_dict=meta["config"])
     init_seed(config["seed"], config["reproducibility"])

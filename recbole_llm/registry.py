@@ -47,7 +47,7 @@ def register_model(cls=None, *, trainer=None, dataset=None):
 
 def _import_plugin_module(name: str) -> None:
     module = f"recbole_llm.model.{name.lower()}"
-    if importlib.util.find_spec("recbole_llm.model") and importlib.util.find_spec(module):
+    if importlib.util.find_spec(module):
         importlib.import_module(module)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -41,7 +41,6 @@ class ItemTextBuilder:
     template: str | None = None
     missing: str = "unknown"
     separator: str = ", "
-    _columns: Sequence[str] = field(default=(), init=False, repr=False)
 
     def render(self, record: Mapping[str, str]) -> str:
         value = lambda name: (str(record.get(name, "") or "").strip() or self.missing)  # noqa: E731
