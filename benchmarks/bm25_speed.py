@@ -32,7 +32,7 @@ def main(n_queries: int = 32, data_path: str = "dataset/ml-1m") -> None:
     folder = ensure_dataset_files("ml-1m", data_path)
     table = read_item_table(folder / "ml-1m.item")
     builder = ItemTextBuilder(fields={"Title": "movie_title", "Genres": "genre", "Year": "release_year"})
-    texts = builder.build_from_table(table, "item_id", ["[PAD]", *table["item_id"]])[1:]
+    texts = builder.render_rows(table, "item_id")
     corpus = [tokenize(t) for t in texts]
     queries = [tokenize(t) for t in random.Random(0).sample(texts, n_queries)]
 

@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import recbole_llm
     from recbole_llm import quick_start
-    from recbole_llm.data.assets import DatasetNotFoundError
     from recbole_llm.registry import UnknownModelError, get_model
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -70,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         records = quick_start.compare_models(
             models, args.dataset, config_files, overrides, results_path=args.results
         )
-    except UnknownModelError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (DatasetNotFoundError, FileNotFoundError) as err:
+    except (UnknownModelError, FileNotFoundError) as err:  # includes DatasetNotFoundError, a missing .item file
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -103,18 +99,18 @@ def _tune(args, models, config_files, overrides) -> int:
     if not params_file.is_file():
         print(f"error: params file {params_file} not found", file=sys.stderr)
         return EXIT_USAGE
-    hyper, trials = quick_start.tune(
+    result = quick_start.tune(
         models[0], args.dataset, params_file, args.tune_algo, args.max_evals, config_files, overrides
     )
-    valid_metric = quick_start.make_config(models[0], args.dataset, config_files, overrides)["valid_metric"]
-    table = quick_start.trials_table(trials, valid_metric)
-    best = hyper.params2str(hyper.best_params)
+    valid_metric = result.valid_metric
+    table = quick_start.trials_table(result.trials, valid_metric)
+    best = ", ".join(f"{name}:{value}" for name, value in result.best_params.items())
     print(f"\n{table}\n\nbest parameters (selected on valid {valid_metric}): {best}")
     out = Path(args.table or f"saved/tuning-{models[0]}-{args.dataset}-{_stamp()}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"{models[0]} on {args.dataset}, {args.tune_algo} over {params_file}\n\n{table}\n\n"
                    f"best parameters (selected on valid {valid_metric}): {best}\n")
-    out.with_suffix(".json").write_text(json.dumps({"best_params": hyper.best_params, "trials": trials}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"best_params": result.best_params, "trials": result.trials}, indent=2))
     print(f"trials written to {out} and {out.with_suffix('.json')}")
     return 0
 

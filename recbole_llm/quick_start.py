@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from logging import getLogger
 from pathlib import Path
@@ -261,21 +263,23 @@ def comparison_table(records) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ tuning
+@dataclass
+class TuningResult:
+    """Outcome of :func:`tune`: ``best_params`` won on ``valid_metric``; test results are reported, never used."""
+
+    best_params: dict
+    valid_metric: str
+    trials: list[dict]  # {params, valid_score, valid, test}, in run order
+
+
 def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_file_list=None, config_dict=None,
-         early_stop=10):
-    """RecBole HyperTuning over ``params_file`` (RecBole's syntax) for any model name, selecting on validation.
-
-    Returns ``(hyper_tuning, trials)`` where ``trials`` lists ``{params, valid_score, valid, test}`` in run order;
-    ``hyper_tuning.best_params`` is the trial with the best *validation* score (test is reported, never used).
-    """
-    import os
-    from functools import partial
-
+         early_stop=10) -> TuningResult:
+    """RecBole HyperTuning over ``params_file`` (RecBole's syntax) for any model name, selecting on validation."""
     from recbole.trainer import HyperTuning
 
     base = {"model": model, "dataset": dataset, **(config_dict or {})}
-    seed = make_config(model, dataset, config_file_list, config_dict)["seed"]
-    os.environ.setdefault("HYPEROPT_FMIN_SEED", str(seed))  # random / bayes draws are reproducible
+    config = make_config(model, dataset, config_file_list, config_dict)
+    os.environ.setdefault("HYPEROPT_FMIN_SEED", str(config["seed"]))  # random / bayes draws are reproducible
 
     trials = []
 
@@ -291,7 +295,7 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_fi
         max_evals=max_evals, early_stop=10**9 if grid else early_stop,
     )
     hyper.run()
-    return hyper, trials
+    return TuningResult(best_params=hyper.best_params, valid_metric=config["valid_metric"], trials=trials)
 
 
 def trials_table(trials, valid_metric: str) -> str:

@@ -1,22 +1,21 @@
 """The vectorised BM25 index gives rank_bm25's BM25Okapi scores."""
 
+from pathlib import Path
+
 import numpy as np
-import pandas as pd
 import pytest
 import recbole
-from pathlib import Path
 from rank_bm25 import BM25Okapi
 
-from recbole_llm.data import ItemTextBuilder
+from recbole_llm.data import ItemTextBuilder, read_item_table
 from recbole_llm.retrieval import BM25Index, tokenize
 
 
 @pytest.fixture(scope="module")
 def ml100k_item_texts():
-    table = pd.read_csv(Path(recbole.__file__).parent / "dataset_example" / "ml-100k" / "ml-100k.item", sep="\t",
-                        dtype=str, keep_default_na=False).rename(columns=lambda c: c.split(":")[0])
+    table = read_item_table(Path(recbole.__file__).parent / "dataset_example" / "ml-100k" / "ml-100k.item")
     builder = ItemTextBuilder(fields={"Title": "movie_title", "Genres": "class", "Year": "release_year"})
-    return builder.build_from_table(table, "item_id", ["[PAD]", *table["item_id"]])[1:]
+    return builder.render_rows(table, "item_id")
 
 
 def test_scores_equal_rank_bm25_on_movielens_titles(ml100k_item_texts):

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from recbole.data import data_preparation
 from recbole.data.interaction import cat_interactions
+from recbole.utils import init_seed
 from safetensors.torch import load_file
 
 from recbole_llm import load_model, run_recbole_llm
@@ -41,8 +43,6 @@ def test_checkpoint_holds_only_trainable_weights_as_safetensors(toy_config):
 
 def test_load_model_predicts_exactly_as_before_saving(toy_config):
     config = make_config("ToyLLMRec", "ml-tiny", config_dict=toy_config)
-    from recbole.data import data_preparation
-
     train, valid, test = data_preparation(config, create_dataset(config))
     model = get_model("ToyLLMRec")(config, train._dataset)
     trainer = get_trainer(config["MODEL_TYPE"], "ToyLLMRec")(config, model)
@@ -78,9 +78,6 @@ def test_gradient_accumulation_equals_one_big_batch(toy_config):
     def one_step(batches, accumulation):
         config = make_config("ToyLLMRec", "ml-tiny", config_dict={
             **toy_config, "gradient_accumulation_steps": accumulation, "learner": "sgd", "lora_dropout": 0.0})
-        from recbole.data import data_preparation
-        from recbole.utils import init_seed
-
         init_seed(config["seed"], True)  # the same shuffled batches in both runs
         train, _, _ = data_preparation(config, create_dataset(config))
         torch.manual_seed(0)

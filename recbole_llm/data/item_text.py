@@ -64,6 +64,11 @@ class ItemTextBuilder:
                 "Set item_text_fields (e.g. {'Title': 'title'}) or item_text_template for this dataset."
             )
 
+    def render_rows(self, table: pd.DataFrame, id_field: str) -> list[str]:
+        """One text per row of an item table, in table order."""
+        self._check_fields(list(table.columns), id_field, Path("?"))
+        return [self.render(record) for record in table.to_dict("records")]
+
     def build_from_table(self, table: pd.DataFrame, id_field: str, item_tokens: Sequence[str], source=Path("?")):
         """Texts aligned with ``item_tokens`` (RecBole's internal id order); index 0 is the padding item."""
         self._check_fields(list(table.columns), id_field, source)

@@ -3,8 +3,8 @@
 Scores are identical to ``rank_bm25.BM25Okapi`` (the reference; a test checks equality to 1e-6), but a
 batch of queries is one sparse product instead of a Python loop over query terms and documents:
 
-    W[v, d] = idf(v) * tf(v, d) * (k1 + 1) / (tf(v, d) + k1 * (1 - b + b * |d| / avgdl))
-    scores  = Q @ W,      Q[q, v] = count of term v in query q
+    W[d, v] = idf(v) * tf(v, d) * (k1 + 1) / (tf(v, d) + k1 * (1 - b + b * |d| / avgdl))
+    scores  = Q @ W.T,    Q[q, v] = count of term v in query q
 
 with ``idf(v) = log(N - n_v + 0.5) - log(n_v + 0.5)``, negative values replaced by ``epsilon * mean idf``
 (rank_bm25's floor). CALRec ranks items by BM25 between generated item texts and the catalogue (CALRec §3.4).

@@ -69,11 +69,10 @@ class LLMTrainer(Trainer):
         self._validating = False
 
     # ---------------------------------------------------------------------------------------------- training
-    def _trainable_parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def _build_optimizer(self, **kwargs):
-        kwargs.setdefault("params", self._trainable_parameters())
+        # Called by Trainer.__init__; which parameters train is fixed once the model is built.
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        kwargs.setdefault("params", self.trainable_parameters)
         return super()._build_optimizer(**kwargs)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
@@ -98,7 +97,7 @@ class LLMTrainer(Trainer):
             (loss / window).backward()
             if step + 1 == window_start + window:
                 if self.clip_grad_norm:
-                    clip_grad_norm_(self._trainable_parameters(), **self.clip_grad_norm)
+                    clip_grad_norm_(self.trainable_parameters, **self.clip_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             values = tuple(l.item() for l in losses) if isinstance(losses, tuple) else loss.item()
