@@ -131,6 +131,16 @@ def _floats(result) -> dict:
     return {key: float(value) for key, value in (result or {}).items()}
 
 
+def build_model_and_data(config):
+    """``(dataset, (train, valid, test) loaders, model)`` for a Config, seeded as RecBole's quick start does."""
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    loaders = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
+    return dataset, loaders, model
+
+
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True) -> dict:
     """Train and test one model (ours or RecBole's) and return a JSON-ready record of the run."""
     config = make_config(model, dataset, config_file_list, config_dict)
@@ -139,11 +149,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     logger.info(config)
 
     with PeakMemory() as memory:
-        data = create_dataset(config)
+        data, (train_data, valid_data, test_data), model_obj = build_model_and_data(config)
         logger.info(data)
-        train_data, valid_data, test_data = data_preparation(config, data)
-        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-        model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
         logger.info(model_obj)
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
         start = time.perf_counter()
@@ -318,11 +325,7 @@ def load_model(path, with_data: bool = True):
     """
     meta = read_meta(path)
     config = make_config(meta["model"], meta["dataset"], config_dict=meta["config"])
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    dataset, (train_data, valid_data, test_data), model = build_model_and_data(config)
     load_weights(path, model)
     model.eval()
     if not with_data:

@@ -44,9 +44,10 @@ _VOLATILE_KEYS = {
 }
 
 
-def run_fingerprint(config) -> str:
-    """Short hash of everything the user set that shapes the trained weights."""
-    external = {k: v for k, v in config.external_config_dict.items() if k not in _VOLATILE_KEYS}
+def run_fingerprint(config, ignore: tuple[str, ...] = ()) -> str:
+    """Short hash of everything the user set that shapes the trained weights (less the ``ignore`` keys)."""
+    skipped = _VOLATILE_KEYS.union(ignore)
+    external = {k: v for k, v in config.external_config_dict.items() if k not in skipped}
     payload = {"model": config["model"], "dataset": config["dataset"], "config": to_jsonable(external)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 

@@ -1,0 +1,87 @@
+"""Temperature sampling of several continuations per prompt from one shared prefill.
+
+``generate(num_return_sequences=N)`` copies each prompt N times *before* the prefill, so the prompt is encoded N
+times. Here the prompt batch is encoded once, its KV cache is repeated N times along the batch, and only the
+new tokens are computed per sample. The loop is explicit (no ``generation_config.json`` can change it) and
+returns each sample's log-probability under the model, which CALRec's ranking needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor  # [B, N, T] generated ids; positions after EOS hold EOS
+    lengths: torch.Tensor  # [B, N] generated tokens up to and including EOS
+    log_probs: torch.Tensor  # [B, N] sum of log P(token | prefix) under the model (temperature 1)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with every sequence right-aligned (padding on the left)."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample_continuations(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    eos_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Samples:
+    """Draw ``num_samples`` continuations of each left-padded prompt in ``input_ids [B, L]``.
+
+    ``temperature <= 0`` means greedy decoding (all samples then coincide).
+    """
+    batch = input_ids.shape[0]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(num_samples)
+    logits = out.logits[:, -1].float().repeat_interleave(num_samples, 0)
+    mask = attention_mask.repeat_interleave(num_samples, 0)
+    position = position_ids[:, -1:].repeat_interleave(num_samples, 0)
+
+    rows = batch * num_samples
+    finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=input_ids.device)
+    log_probs = torch.zeros(rows, device=input_ids.device)
+    generated = []
+    for step in range(max_new_tokens):
+        step_log_probs = torch.log_softmax(logits, dim=-1)
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            token = logits.argmax(-1)
+        token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+        log_probs += torch.where(finished, 0.0, step_log_probs.gather(1, token[:, None]).squeeze(1))
+        lengths += (~finished).long()
+        generated.append(token)
+        finished |= token == eos_token_id
+        if bool(finished.all()) or step + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+    tokens = torch.stack(generated, dim=1).view(batch, num_samples, -1)
+    return Samples(tokens, lengths.view(batch, num_samples), log_probs.view(batch, num_samples))

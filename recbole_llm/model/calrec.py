@@ -1,0 +1,448 @@
+r"""CALRec
+################################################
+
+Reference:
+    Yaoyiran Li, Xiang Zhai, Moustafa Alzantot, Keyi Yu, Ivan Vulić, Anna Korhonen and Mohamed Hammad.
+    "CALRec: Contrastive Alignment of Generative LLMs for Sequential Recommendation." RecSys 2024.
+    arXiv:2405.02429. No official code was released; see ../shared/METHODS.md §1 for the sources of each detail.
+
+A decoder-only LLM reads a user's purchase history written as text and generates the text of the next item.
+Training adds two contrastive terms between mean-pooled hidden states; inference samples N item texts, retrieves
+the catalogue by BM25 for each and merges the N rankings quasi-round-robin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from recbole.data.dataset import SequentialDataset
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType, set_color
+
+from recbole_llm.data.domains import DomainMixture, first_token
+from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
+from recbole_llm.llm.backbone import backbone_from_config
+from recbole_llm.llm.generation import left_pad, sample_continuations
+from recbole_llm.llm.pooling import decoder_and_head, masked_mean
+from recbole_llm.model.losses import info_nce
+from recbole_llm.registry import register_model
+from recbole_llm.retrieval.bm25 import BM25Index, tokenize
+from recbole_llm.retrieval.merge import quasi_round_robin_merge
+from recbole_llm.trainer.checkpoint import META, load_weights, read_meta, save_checkpoint
+from recbole_llm.trainer.llm_trainer import LLMTrainer, run_fingerprint
+
+# CALRec §3.1 (METHODS.md §1.2): the user prefix and the per-item prefixes, verbatim.
+USER_PREFIX = "This is the summary of a user's purchase history."
+FIRST_ITEM_PREFIX = "The first item bought is as follows."
+NEXT_ITEM_PREFIX = "The next item bought is as follows."
+
+
+# ------------------------------------------------------------------------------------------------------ text
+class CALRecPrompt:
+    """Token-level prompt assembly from pre-tokenised pieces.
+
+    Layout (the target slot ends in the next-item prefix; the model generates the target item's text)::
+
+        This is the summary of a user's purchase history. The first item bought is as follows. {item_1}
+        The next item bought is as follows. {item_2}
+        ...
+        The next item bought is as follows. {target}<eos>
+
+    Every item text is tokenised once (``" " + text``, cut to ``max_item_tokens``); a prompt is a concatenation of
+    token lists, so building a batch costs no tokenizer calls and the token budget is exact. History is cut from
+    the left: the most recent ``max_history_items`` items, fewer if the prompt would exceed ``max_prompt_tokens``
+    (the most recent item is always kept).
+    """
+
+    def __init__(self, tokenizer, *, max_history_items: int, max_prompt_tokens: int, max_item_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_history_items = max_history_items
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_item_tokens = max_item_tokens
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+        self.head = self._encode([f"{USER_PREFIX} {FIRST_ITEM_PREFIX}"])[0]
+        self.next = self._encode([f"\n{NEXT_ITEM_PREFIX}"])[0]
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False).input_ids
+
+    def encode_items(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each item text as it appears in a prompt (index = item id; the padding item is empty)."""
+        return [ids[: self.max_item_tokens] for ids in self._encode([f" {text}" if text else "" for text in texts])]
+
+    def history(self, item_ids: Sequence[int], items: Sequence[Sequence[int]]) -> list[int]:
+        """The prompt for a history of item ids (oldest first), ending in the next-item prefix."""
+        budget = self.max_prompt_tokens - len(self.head)
+        kept = []
+        for item in reversed(list(item_ids)[-self.max_history_items:]):
+            cost = len(items[item]) + len(self.next)  # each item is followed by one next-item prefix
+            if kept and cost > budget:
+                break
+            kept.append(item)
+            budget -= cost
+        tokens = list(self.head)
+        for position, item in enumerate(reversed(kept)):
+            if position:
+                tokens += self.next
+            tokens += items[item]
+        return tokens + self.next
+
+
+@dataclass
+class TextBatch:
+    """Tensors of one CALRec training batch (both towers)."""
+
+    joint_ids: torch.Tensor  # [B, L] prompt + target + eos, right-padded
+    joint_mask: torch.Tensor  # [B, L]
+    history_mask: torch.Tensor  # [B, L] 1 on the prompt (history) positions
+    target_mask: torch.Tensor  # [B, L] 1 on the target positions (target tokens + eos)
+    target_ids: torch.Tensor  # [B, T] target + eos alone, right-padded
+    target_only_mask: torch.Tensor  # [B, T]
+
+    @classmethod
+    def build(cls, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], eos: int, pad: int, device):
+        targets = [list(t) + [eos] for t in targets]
+        joint = [list(p) + t for p, t in zip(prompts, targets)]
+        width, target_width = max(map(len, joint)), max(map(len, targets))
+        shape = (len(joint), width)
+        ids, mask, history, target = (torch.full(shape, pad), torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
+        target_ids, target_only_mask = torch.full((len(joint), target_width), pad), torch.zeros((len(joint), target_width))
+        for row, (prompt, tokens) in enumerate(zip(prompts, targets)):
+            ids[row, : len(prompt) + len(tokens)] = torch.tensor(list(prompt) + tokens)
+            mask[row, : len(prompt) + len(tokens)] = 1
+            history[row, : len(prompt)] = 1
+            target[row, len(prompt): len(prompt) + len(tokens)] = 1
+            target_ids[row, : len(tokens)] = torch.tensor(tokens)
+            target_only_mask[row, : len(tokens)] = 1
+        to = lambda t, dtype=torch.long: t.to(device=device, dtype=dtype)  # noqa: E731
+        return cls(to(ids), to(mask), to(history), to(target), to(target_ids), to(target_only_mask))
+
+    @property
+    def tokens(self) -> int:
+        return int(self.joint_mask.sum() + self.target_only_mask.sum())
+
+
+# --------------------------------------------------------------------------------------------------- dataset
+def select_training_samples(train, targets_per_user: int, max_samples: int, seed: int):
+    """Keep the last ``targets_per_user`` next-item examples of each user (0: all prefixes), then at most
+    ``max_samples`` of those drawn uniformly (0: all). Rows of RecBole's train split are grouped by user in
+    chronological order, and valid/test targets are never in it, so nothing leaks from evaluation."""
+    users = train.inter_feat[train.uid_field].numpy()
+    keep = np.ones(len(users), dtype=bool)
+    if targets_per_user > 0:
+        from_end = pd.Series(users).groupby(users).cumcount(ascending=False).to_numpy()
+        keep &= from_end < targets_per_user
+    index = np.flatnonzero(keep)
+    if 0 < max_samples < len(index):
+        index = np.sort(np.random.default_rng(seed).choice(index, size=max_samples, replace=False))
+    if len(index) == len(users):
+        return train
+    return train.copy(train.inter_feat[torch.from_numpy(index)])
+
+
+class CALRecDataset(SequentialDataset):
+    """RecBole's SequentialDataset whose training split keeps the configured share of next-item examples."""
+
+    def build(self):
+        train, valid, test = super().build()
+        selected = select_training_samples(
+            train, int(self.config["train_targets_per_user"] or 0), int(self.config["train_max_samples"] or 0),
+            int(self.config["seed"] or 0),
+        )
+        self.logger.info(
+            set_color("CALRec training examples", "blue") + f": {selected.inter_num} of {train.inter_num} next-item prefixes"
+        )
+        return [selected, valid, test]
+
+
+# ----------------------------------------------------------------------------------------------------- model
+class CALRecTrainer(LLMTrainer):
+    """LLMTrainer with CALRec's two stages (CALRec §3.3, METHODS.md §1.4), run by one ``fit``.
+
+    * Stage I: ``stage1_steps`` batches drawn from a mixture of domains, domain c with p_c proportional to
+      n_c^``stage1_power``. Domains are the values of ``stage1_domain_field`` (first token) over the training
+      examples' targets, and each dataset in ``stage1_datasets`` (its own RecBole training split).
+      The result is cached in ``<checkpoint_dir>/CALRec-<dataset>-stage1-<fingerprint>``: a rerun, and the
+      Stage-I-only and full runs of one configuration, load it instead of retraining.
+    * Stage II: RecBole's usual epochs on the target dataset, starting from the Stage-I weights.
+
+    ``calrec_stages`` picks the stages ([1, 2], [2] or [1]) for the paper's ablations.
+    """
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        stages = [int(stage) for stage in self.config["calrec_stages"]]
+        if not stages or set(stages) - {1, 2}:
+            raise ValueError(f"calrec_stages must be [1, 2], [1] or [2]; got {self.config['calrec_stages']}")
+        if 1 in stages:
+            self._stage_one(train_data, show_progress)
+        if 2 in stages:
+            return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if saved:
+            save_checkpoint(self.saved_model_file, self.model, self._meta(epoch=-1, stage=1))
+        if not valid_data:
+            return -math.inf, None
+        return self._valid_epoch(valid_data, show_progress=show_progress)
+
+    def stage_one_dir(self) -> Path:
+        fingerprint = run_fingerprint(self.config, ignore=("calrec_stages",))
+        return Path(self.checkpoint_dir) / f"CALRec-{self.config['dataset']}-stage1-{fingerprint}"
+
+    def _stage_one(self, train_data, show_progress: bool) -> None:
+        stage_dir = self.stage_one_dir()
+        if (stage_dir / META).is_file() and read_meta(stage_dir).get("stage") == 1:
+            load_weights(stage_dir, self.model)
+            self.logger.info(set_color("Stage I", "blue") + f": loaded cached weights from {stage_dir}")
+            return
+        batches = self.model.stage_one_batches(train_data.dataset, self.config)
+        self.logger.info(set_color("Stage I", "blue") + f": {len(batches)} batches from domains {batches.summary()}")
+        self.optimizer = self._build_optimizer()
+        loss = self._train_epoch(batches, epoch_idx=0, loss_func=self.model.stage_loss, show_progress=show_progress)
+        save_checkpoint(stage_dir, self.model, self._meta(epoch=-1, stage=1, stage1_loss=loss))
+        self.logger.info(set_color("Stage I", "blue") + f": done, saved to {stage_dir}")
+        self.optimizer = self._build_optimizer()  # Stage II starts with fresh optimizer state
+
+
+@dataclass
+class StageBatch:
+    prompts: list[list[int]]
+    targets: list[list[int]]
+
+    def to(self, device):  # the trainer moves every batch; token lists are moved when the tensors are built
+        return self
+
+
+class StageOneBatches:
+    """``steps`` batches of ``batch_size`` examples drawn from a :class:`DomainMixture` (a list-like for the trainer)."""
+
+    def __init__(self, sources: dict, mixture: DomainMixture, steps: int, batch_size: int):
+        self.sources, self.mixture = sources, mixture
+        self.draws = mixture.sample(steps * batch_size)
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return math.ceil(len(self.draws) / self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.draws), self.batch_size):
+            prompts, targets = [], []
+            for domain, index in self.draws[start: start + self.batch_size]:
+                prompt, target = self.sources[domain][index]
+                prompts.append(prompt)
+                targets.append(target)
+            yield StageBatch(prompts, targets)
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} p={p:.3f}" for name, p in self.mixture.probabilities.items())
+
+
+class _DomainExamples:
+    """Lazy ``(prompt tokens, target tokens)`` for rows of a training split."""
+
+    def __init__(self, prompt: CALRecPrompt, items, histories, targets):
+        self.prompt, self.items, self.histories, self.targets = prompt, items, histories, targets
+
+    def __getitem__(self, index):
+        return self.prompt.history(self.histories[index], self.items), self.items[self.targets[index]]
+
+
+@register_model(trainer=CALRecTrainer, dataset=CALRecDataset)
+class CALRec(SequentialRecommender):
+    r"""CALRec: an LLM that generates the next item's text, aligned by two contrastive terms.
+
+    Training loss (CALRec §3.2):
+
+        L = (1 - alpha - beta) L_NIG + alpha L_TT + beta L_UT
+
+    * L_NIG: next-item generation, token cross-entropy on the target item's tokens only.
+    * L_TT = InfoNCE(v_{T|U}, v_T), L_UT = InfoNCE(v_U, v_T), cosine similarity / tau, in-batch negatives.
+      v_T mean-pools the last hidden states of a pass over the target text alone; v_U and v_{T|U} mean-pool the
+      history and target spans of the joint pass. beta is negative in the paper (-0.025): L_UT is pushed *up*.
+
+    Scoring (CALRec §3.4): ``num_samples`` texts sampled at ``temperature`` from one shared prefill, BM25 of each
+    against the catalogue's item texts, merged by :func:`quasi_round_robin_merge`.
+
+    NOTE: the paper fully fine-tunes PaLM-2 XXS; here any Hugging Face causal LM works (full fine-tuning with
+    ``lora_r: 0``, the default, or LoRA / QLoRA). No projection heads (none are described). Items already in the
+    history are excluded from the ranking (``exclude_history``), a choice the paper does not state.
+    """
+
+    input_type = InputType.POINTWISE
+    backbone_modules = ("llm",)
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.alpha = float(config["calrec_alpha"])
+        self.beta = float(config["calrec_beta"])
+        self.tau = float(config["contrastive_tau"])
+        self.contrastive = bool(config["contrastive"])
+        self.symmetric = bool(config["contrastive_symmetric"])
+        self.num_samples = int(config["num_samples"])
+        self.temperature = float(config["temperature"])
+        self.epsilon = float(config["bm25_epsilon"])
+        self.exclude_history = bool(config["exclude_history"])
+        self.generation_batch_size = int(config["generation_batch_size"])
+        if self.tau <= 0 or self.num_samples < 1 or self.generation_batch_size < 1:
+            raise ValueError(
+                "CALRec needs contrastive_tau > 0, num_samples >= 1 and generation_batch_size >= 1; got "
+                f"{self.tau}, {self.num_samples}, {self.generation_batch_size}"
+            )
+
+        self.llm, self.tokenizer = backbone_from_config(config)
+        self.prompt = CALRecPrompt(
+            self.tokenizer,
+            max_history_items=min(int(config["max_history_items"]), self.max_seq_length),
+            max_prompt_tokens=int(config["max_prompt_tokens"]),
+            max_item_tokens=int(config["max_item_tokens"]),
+        )
+        self.item_texts = ItemTextBuilder.from_config(config).build(dataset)
+        self.item_tokens = self.prompt.encode_items(self.item_texts)
+        self.bm25 = BM25Index([tokenize(text) for text in self.item_texts[1:]])  # column j is item j + 1
+        self.last_batch_tokens = 0
+
+    # ---------------------------------------------------------------------------------------------- towers
+    def forward(self, batch: TextBatch):
+        """Both towers: ``(joint last hidden states [B, L, H], target-only last hidden states [B, T, H] or None)``."""
+        decoder, _ = decoder_and_head(self.llm)  # looked up, not stored: a second attribute would save it twice
+        joint = decoder(input_ids=batch.joint_ids, attention_mask=batch.joint_mask).last_hidden_state
+        target = None
+        if self.contrastive:
+            target = decoder(input_ids=batch.target_ids, attention_mask=batch.target_only_mask).last_hidden_state
+        return joint, target
+
+    def losses(self, batch: TextBatch) -> dict[str, torch.Tensor]:
+        """The unweighted terms: ``{"nig": L_NIG, "tt": L_TT, "ut": L_UT}`` (contrastive terms only if enabled)."""
+        joint, target = self.forward(batch)
+        predicts_target = batch.target_mask[:, 1:].bool()  # position t predicts token t + 1
+        _, lm_head = decoder_and_head(self.llm)
+        logits = lm_head(joint[:, :-1][predicts_target])
+        terms = {"nig": F.cross_entropy(logits.float(), batch.joint_ids[:, 1:][predicts_target])}
+        if self.contrastive:
+            v_t = masked_mean(target, batch.target_only_mask)
+            v_u = masked_mean(joint, batch.history_mask)
+            v_tu = masked_mean(joint, batch.target_mask)
+            terms["tt"] = info_nce(v_tu, v_t, self.tau, self.symmetric)
+            terms["ut"] = info_nce(v_u, v_t, self.tau, self.symmetric)
+        return terms
+
+    def loss_from_tokens(self, prompts, targets):
+        """Weighted loss terms (a tuple, so RecBole logs each) for prompt / target token lists."""
+        batch = TextBatch.build(prompts, targets, self.prompt.eos, self.prompt.pad, self.device)
+        self.last_batch_tokens = batch.tokens
+        terms = self.losses(batch)
+        if not self.contrastive:
+            return terms["nig"]
+        return (1 - self.alpha - self.beta) * terms["nig"], self.alpha * terms["tt"], self.beta * terms["ut"]
+
+    def _histories(self, interaction) -> list[list[int]]:
+        sequences = interaction[self.ITEM_SEQ].tolist()
+        return [seq[:length] for seq, length in zip(sequences, interaction[self.ITEM_SEQ_LEN].tolist())]
+
+    def calculate_loss(self, interaction):
+        prompts = [self.prompt.history(history, self.item_tokens) for history in self._histories(interaction)]
+        targets = [self.item_tokens[item] for item in interaction[self.POS_ITEM_ID].tolist()]
+        return self.loss_from_tokens(prompts, targets)
+
+    def stage_loss(self, batch: StageBatch):
+        return self.loss_from_tokens(batch.prompts, batch.targets)
+
+    # ------------------------------------------------------------------------------------------- Stage I
+    def stage_one_batches(self, train_dataset, config) -> StageOneBatches:
+        """Stage-I batches: the target dataset's examples split by ``stage1_domain_field``, plus every dataset in
+        ``stage1_datasets`` as a domain of its own."""
+        sources, users = {}, {}
+        field = config["stage1_domain_field"]
+        histories, targets, user_ids = _split_rows(train_dataset)
+        if field:
+            domain_of_item = _item_domains(train_dataset, field)
+            labels = np.array([domain_of_item[t] for t in targets])
+            for name in np.unique(labels):
+                rows = np.flatnonzero(labels == name)
+                key = f"{config['dataset']}:{name}"
+                sources[key] = _DomainExamples(self.prompt, self.item_tokens, [histories[r] for r in rows],
+                                               [targets[r] for r in rows])
+                users[key] = len(np.unique(user_ids[rows]))
+        else:
+            sources[config["dataset"]] = _DomainExamples(self.prompt, self.item_tokens, histories, targets)
+            users[config["dataset"]] = len(np.unique(user_ids))
+        for name in config["stage1_datasets"] or []:
+            other = _training_split(name, config)
+            items = self.prompt.encode_items(ItemTextBuilder.from_config(other.config).build(other))
+            histories, targets, user_ids = _split_rows(other)
+            sources[name] = _DomainExamples(self.prompt, items, histories, targets)
+            users[name] = len(np.unique(user_ids))
+        mixture = DomainMixture({name: range(len(src.targets)) for name, src in sources.items()},
+                                power=float(config["stage1_power"]), users=users, seed=int(config["seed"] or 0))
+        return StageOneBatches(sources, mixture, int(config["stage1_steps"]), int(config["train_batch_size"]))
+
+    # -------------------------------------------------------------------------------------------- scoring
+    def full_sort_predict(self, interaction):
+        histories = self._histories(interaction)
+        scores = torch.full((len(histories), self.n_items), float("-inf"), device=self.device)
+        for start in range(0, len(histories), self.generation_batch_size):
+            chunk = histories[start: start + self.generation_batch_size]
+            scores[start: start + len(chunk), 1:] = self._rank_catalogue(chunk).to(self.device)
+        if self.exclude_history:
+            scores.scatter_(1, interaction[self.ITEM_SEQ], float("-inf"))
+        return scores
+
+    def _rank_catalogue(self, histories: list[list[int]]) -> torch.Tensor:
+        """``[len(histories), n_items - 1]`` merged BM25 scores of the sampled item texts."""
+        prompts = [self.prompt.history(history, self.item_tokens) for history in histories]
+        ids, mask = left_pad(prompts, self.prompt.pad, self.device)
+        samples = sample_continuations(
+            self.llm, ids, mask, num_samples=self.num_samples, temperature=self.temperature,
+            max_new_tokens=self.prompt.max_item_tokens + 1, eos_token_id=self.prompt.eos,
+        )
+        flat = samples.tokens.flatten(0, 1).tolist()
+        texts = self.tokenizer.batch_decode(
+            [row[:length] for row, length in zip(flat, samples.lengths.flatten().tolist())], skip_special_tokens=True
+        )
+        self.last_generations = texts
+        bm25 = torch.from_numpy(self.bm25.scores([tokenize(text) for text in texts])).float()
+        bm25 = bm25.view(len(histories), self.num_samples, -1)
+        return quasi_round_robin_merge(bm25, samples.log_probs.float().cpu(), self.epsilon)
+
+    def predict(self, interaction):
+        """Scores of the given items (sampled-candidate evaluation) taken from the full ranking."""
+        return self.full_sort_predict(interaction).gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _split_rows(dataset):
+    """(histories, targets, user ids) of a sequential RecBole split."""
+    inter = dataset.inter_feat
+    sequences = inter[dataset.item_id_list_field].tolist()
+    lengths = inter[dataset.item_list_length_field].tolist()
+    histories = [seq[:length] for seq, length in zip(sequences, lengths)]
+    return histories, inter[dataset.iid_field].tolist(), inter[dataset.uid_field].numpy()
+
+
+def _item_domains(dataset, field: str) -> list[str]:
+    """Domain of every internal item id: the first token of ``field`` in the ``.item`` file."""
+    source = Path(dataset.dataset_path) / f"{dataset.dataset_name}.item"
+    table = read_item_table(source)
+    if field not in table.columns:
+        raise KeyError(
+            f"stage1_domain_field '{field}' is not a column of {source} (columns: {list(table.columns)}). "
+            "Set stage1_domain_field to an item field such as a genre or category, or ~ for one domain."
+        )
+    values = table.drop_duplicates(dataset.iid_field).set_index(dataset.iid_field)[field].to_dict()
+    return [first_token(values.get(str(token), "")) for token in dataset.field2id_token[dataset.iid_field]]
+
+
+def _training_split(name: str, config):
+    """RecBole's training split of another dataset, under this run's split and sample settings."""
+    from recbole_llm.quick_start import make_config
+
+    keys = ("data_path", "eval_args", "MAX_ITEM_LIST_LENGTH", "train_targets_per_user", "train_max_samples", "seed",
+            "load_col", "user_inter_num_interval", "item_inter_num_interval", "checkpoint_dir", "gpu_id", "state")
+    other = make_config("CALRec", name, config_dict={key: config[key] for key in keys if config[key] is not None})
+    return CALRecDataset(other).build()[0]

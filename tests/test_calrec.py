@@ -1,0 +1,289 @@
+"""CALRec: prompts, losses against hand computation, sampling, the quasi-round-robin merge, training-example
+selection, the two-stage run with its cache, full-sort scoring and the checkpoint round trip."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recbole_llm.data.domains import DomainMixture, domain_probabilities
+from recbole_llm.llm.backbone import load_backbone
+from recbole_llm.llm.generation import left_pad, sample_continuations
+from recbole_llm.model.calrec import CALRecPrompt, TextBatch, select_training_samples
+from recbole_llm.model.losses import info_nce
+from recbole_llm.quick_start import build_model_and_data, load_model, make_config, run_recbole_llm
+from recbole_llm.retrieval.merge import quasi_round_robin_merge
+
+
+def build_calrec(config_dict: dict):
+    """(config, model, (train, valid, test)) for CALRec on ml-tiny."""
+    config = make_config("CALRec", "ml-tiny", config_dict=config_dict)
+    _, loaders, model = build_model_and_data(config)
+    return config, model, loaders
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_backbone("tiny-random")
+
+
+@pytest.fixture
+def calrec_config(base_config) -> dict:
+    return {
+        **base_config,
+        "llm_path": "tiny-random",
+        "stage1_steps": 2,
+        "train_batch_size": 8,
+        "train_targets_per_user": 1,
+        "num_samples": 3,
+        "max_item_tokens": 16,
+        "max_history_items": 5,
+        "stage1_domain_field": "class",
+        "eval_batch_size": 64,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- prompts
+def test_prompt_uses_the_papers_prefixes_and_ends_in_the_next_item_slot(tiny):
+    _, tokenizer = tiny
+    prompt = CALRecPrompt(tokenizer, max_history_items=10, max_prompt_tokens=10_000, max_item_tokens=100)
+    items = prompt.encode_items(["", "Title: A", "Title: B", "Title: C"])
+    text = tokenizer.decode(prompt.history([1, 2, 3], items))
+    assert text == (
+        "This is the summary of a user's purchase history. The first item bought is as follows. Title: A\n"
+        "The next item bought is as follows. Title: B\n"
+        "The next item bought is as follows. Title: C\n"
+        "The next item bought is as follows."
+    )
+
+
+def test_history_is_cut_from_the_left_by_item_count_and_token_budget(tiny):
+    _, tokenizer = tiny
+    texts = ["", "Title: first", "Title: second", "Title: third", "Title: fourth"]
+    by_count = CALRecPrompt(tokenizer, max_history_items=2, max_prompt_tokens=10_000, max_item_tokens=100)
+    items = by_count.encode_items(texts)
+    assert re.findall(r"Title: (\w+)", tokenizer.decode(by_count.history([1, 2, 3, 4], items))) == ["third", "fourth"]
+
+    full = len(by_count.head) + sum(len(items[i]) + len(by_count.next) for i in (2, 3, 4))
+    by_tokens = CALRecPrompt(tokenizer, max_history_items=10, max_prompt_tokens=full, max_item_tokens=100)
+    kept = by_tokens.history([1, 2, 3, 4], items)
+    assert len(kept) == full  # exactly three items fit; the oldest is dropped
+    assert re.findall(r"Title: (\w+)", tokenizer.decode(kept)) == ["second", "third", "fourth"]
+    assert tokenizer.decode(kept).count("The first item bought") == 1  # the oldest kept item becomes the first
+
+    tight = CALRecPrompt(tokenizer, max_history_items=10, max_prompt_tokens=1, max_item_tokens=100)
+    assert re.findall(r"Title: (\w+)", tokenizer.decode(tight.history([1, 2, 3, 4], items))) == ["fourth"]
+
+
+def test_text_batch_marks_history_and_target_spans():
+    batch = TextBatch.build([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], eos=0, pad=99, device="cpu")
+    assert batch.joint_ids.tolist() == [[5, 6, 7, 1, 2, 0], [8, 3, 4, 9, 0, 99]]
+    assert batch.history_mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert batch.target_mask.tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0]]
+    assert batch.target_ids.tolist() == [[1, 2, 0, 99], [3, 4, 9, 0]]
+    assert batch.tokens == 6 + 5 + 3 + 4
+
+
+# -------------------------------------------------------------------------------------------------- losses
+def test_info_nce_is_the_papers_formula_with_the_softmax_over_users():
+    torch.manual_seed(1)
+    q, k, tau = torch.randn(4, 6), torch.randn(4, 6), 0.3
+    cos = lambda a, b: float(F.cosine_similarity(a, b, dim=0))  # noqa: E731
+    expected = -sum(
+        math.log(math.exp(cos(q[i], k[i]) / tau) / sum(math.exp(cos(q[j], k[i]) / tau) for j in range(4)))
+        for i in range(4)
+    ) / 4
+    assert info_nce(q, k, tau) == pytest.approx(expected, rel=1e-5)
+    transposed = -sum(
+        math.log(math.exp(cos(q[i], k[i]) / tau) / sum(math.exp(cos(q[i], k[j]) / tau) for j in range(4)))
+        for i in range(4)
+    ) / 4
+    assert info_nce(q, k, tau, symmetric=True) == pytest.approx((expected + transposed) / 2, rel=1e-5)
+
+
+def test_calrec_losses_match_a_hand_computation(calrec_config):
+    config, model, _ = build_calrec({**calrec_config, "contrastive_tau": 0.2})
+    model.eval()  # no dropout: both computations see the same network
+    prompts = [model.prompt.history(h, model.item_tokens) for h in ([1, 2, 3], [4], [5, 6])]
+    targets = [model.item_tokens[i] for i in (7, 8, 9)]
+    batch = TextBatch.build(prompts, targets, model.prompt.eos, model.prompt.pad, "cpu")
+    terms = model.losses(batch)
+
+    nig, v_t, v_u, v_tu = [], [], [], []
+    for prompt, target in zip(prompts, targets):
+        joint = torch.tensor([prompt + target + [model.prompt.eos]])
+        out = model.llm(input_ids=joint, output_hidden_states=True)
+        hidden = out.hidden_states[-1][0]
+        for position in range(len(prompt), joint.shape[1]):  # every target token and the eos, from the position before
+            nig.append(-torch.log_softmax(out.logits[0, position - 1], -1)[joint[0, position]])
+        v_u.append(hidden[: len(prompt)].mean(0))
+        v_tu.append(hidden[len(prompt):].mean(0))
+        alone = torch.tensor([target + [model.prompt.eos]])
+        v_t.append(model.llm(input_ids=alone, output_hidden_states=True).hidden_states[-1][0].mean(0))
+
+    def paper_info_nce(users, items):
+        cos = lambda a, b: F.cosine_similarity(a, b, dim=0) / 0.2  # noqa: E731
+        return -sum(
+            torch.log(torch.exp(cos(users[i], items[i])) / sum(torch.exp(cos(users[j], items[i])) for j in range(3)))
+            for i in range(3)
+        ) / 3
+
+    assert terms["nig"].item() == pytest.approx(torch.stack(nig).mean().item(), rel=1e-4)
+    assert terms["tt"].item() == pytest.approx(paper_info_nce(v_tu, v_t).item(), rel=1e-4)
+    assert terms["ut"].item() == pytest.approx(paper_info_nce(v_u, v_t).item(), rel=1e-4)
+
+    weighted = model.loss_from_tokens(prompts, targets)
+    alpha, beta = 0.125, -0.025  # the paper's weights are the defaults
+    assert [w.item() for w in weighted] == pytest.approx(
+        [(1 - alpha - beta) * terms["nig"].item(), alpha * terms["tt"].item(), beta * terms["ut"].item()], rel=1e-5
+    )
+    assert weighted[2].item() < 0  # beta is negative: L_UT is pushed up
+
+
+def test_no_contrastive_switch_trains_on_next_item_generation_alone(calrec_config):
+    _, model, _ = build_calrec({**calrec_config, "contrastive": False})
+    prompts, targets = [model.prompt.history([1, 2], model.item_tokens)], [model.item_tokens[3]]
+    loss = model.loss_from_tokens(prompts, targets)
+    assert torch.is_tensor(loss) and loss.dim() == 0
+    assert set(model.losses(TextBatch.build(prompts, targets, model.prompt.eos, model.prompt.pad, "cpu"))) == {"nig"}
+
+
+# ------------------------------------------------------------------------------------- sampling and merging
+def test_shared_prefill_sampling_matches_generate_greedily(tiny):
+    from transformers import GenerationConfig
+
+    model, tokenizer = tiny
+    prompts = [tokenizer("The next item", add_special_tokens=False).input_ids,
+               tokenizer("A much longer prompt about a film", add_special_tokens=False).input_ids]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    samples = sample_continuations(model, ids, mask, num_samples=2, temperature=0.0, max_new_tokens=6,
+                                   eos_token_id=tokenizer.eos_token_id)
+    assert samples.tokens.shape[:2] == (2, 2)
+    for row, prompt in enumerate(prompts):
+        reference = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            generation_config=GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id),
+        )[0, len(prompt):]
+        for sample in range(2):
+            length = int(samples.lengths[row, sample])
+            assert samples.tokens[row, sample, :length].tolist() == reference[:length].tolist()
+            # its log-probability is the model's, token by token
+            full = torch.tensor([prompt + reference[:length].tolist()])
+            logits = model(input_ids=full).logits[0]
+            expected = sum(torch.log_softmax(logits[len(prompt) + t - 1], -1)[full[0, len(prompt) + t]]
+                           for t in range(length))
+            assert samples.log_probs[row, sample].item() == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_temperature_sampling_draws_different_texts(tiny):
+    model, tokenizer = tiny
+    ids, mask = left_pad([tokenizer("Title:", add_special_tokens=False).input_ids], tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    samples = sample_continuations(model, ids, mask, num_samples=8, temperature=1.0, max_new_tokens=5,
+                                   eos_token_id=tokenizer.eos_token_id)
+    assert len({tuple(row) for row in samples.tokens[0].tolist()}) > 1
+
+
+def test_quasi_round_robin_merge_orders_top1s_by_log_prob_then_interleaves():
+    # two generations over 5 items; g1 is more likely than g0
+    bm25 = torch.tensor([[[4.0, 2.0, 0.0, 1.0, 0.0],
+                          [0.0, 1.0, 6.0, 0.0, 0.0]]])
+    log_probs = torch.tensor([[-20.0, -5.0]])
+    score = quasi_round_robin_merge(bm25, log_probs, epsilon=1 / 5000)[0]
+    assert score[4] == float("-inf")  # reached by no generation
+    order = torch.argsort(score, descending=True).tolist()
+    assert order[:2] == [2, 0]  # round one: each generation's top-1, the more likely generation first
+    assert order[2:4] == [1, 3]  # then by normalised BM25: item 1 (2/4 in g0) before item 3 (1/4)
+    assert score[2].item() == pytest.approx(math.exp(-5 / 5000))
+
+
+# ------------------------------------------------------------------------------------------------- data
+def test_domain_probabilities_follow_n_to_the_power_0_3():
+    p = domain_probabilities({"big": 1000, "small": 10, "empty": 0})
+    assert set(p) == {"big", "small"}
+    assert p["big"] / p["small"] == pytest.approx(100 ** 0.3)
+    mixture = DomainMixture({"big": range(1000), "small": range(10)}, seed=0)
+    draws = [domain for domain, _ in mixture.sample(20_000)]
+    assert draws.count("small") / len(draws) == pytest.approx(p["small"], abs=0.01)
+
+
+def test_training_examples_are_the_last_targets_of_each_users_training_split(calrec_config):
+    from recbole.data import data_preparation
+
+    from recbole_llm.registry import create_dataset
+
+    config = make_config("CALRec", "ml-tiny", config_dict={**calrec_config, "train_targets_per_user": 2})
+    dataset = create_dataset(config)
+    train, valid, test = (loader.dataset for loader in data_preparation(config, dataset))
+    users = train.inter_feat["user_id"].numpy()
+    assert train.inter_num == 2 * len(np.unique(users))
+    every_prefix = make_config("CALRec", "ml-tiny", config_dict={**calrec_config, "train_targets_per_user": 0})
+    everything = create_dataset(every_prefix).build()[0]
+    for split in (valid, test):  # no evaluation target is a training target of its user
+        held_out = set(zip(split.inter_feat["user_id"].tolist(), split.inter_feat["item_id"].tolist()))
+        trained = set(zip(everything.inter_feat["user_id"].tolist(), everything.inter_feat["item_id"].tolist()))
+        assert not held_out & trained
+    # the kept rows are each user's two longest histories (the latest targets)
+    lengths = everything.inter_feat["item_length"].numpy()
+    everything_users = everything.inter_feat["user_id"].numpy()
+    for user in np.unique(users)[:5]:
+        kept = sorted(train.inter_feat["item_length"].numpy()[users == user])
+        assert kept == sorted(lengths[everything_users == user])[-2:]
+    sampled = select_training_samples(everything, 0, 50, seed=3)
+    assert sampled.inter_num == 50
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_full_sort_scores_every_item_with_minus_inf_for_unreached_and_history(calrec_config):
+    config, model, (train, valid, test) = build_calrec(calrec_config)
+    model.eval()
+    interaction = next(iter(test))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+    assert scores.shape == (interaction.length, model.n_items)
+    assert torch.isinf(scores[:, 0]).all()
+    history = interaction[model.ITEM_SEQ]
+    assert torch.isneginf(scores.gather(1, history)).all()
+    assert torch.isfinite(scores).any(dim=1).all()  # every user gets a ranking
+    assert len(model.last_generations) % config["num_samples"] == 0
+
+
+def test_two_stage_run_caches_stage_one_and_shares_it_with_the_ablation(calrec_config, caplog):
+    first = run_recbole_llm("CALRec", "ml-tiny", config_dict=calrec_config)
+    stage_dirs = list(Path(calrec_config["checkpoint_dir"]).glob("CALRec-ml-tiny-stage1-*"))
+    assert len(stage_dirs) == 1
+    stamp = (stage_dirs[0] / "model.safetensors").stat().st_mtime_ns
+    assert set(first["test_result"]) >= {"recall@10", "ndcg@10", "mrr@10"}
+
+    only_stage_one = run_recbole_llm("CALRec", "ml-tiny", config_dict={**calrec_config, "calrec_stages": [1]})
+    assert (stage_dirs[0] / "model.safetensors").stat().st_mtime_ns == stamp  # loaded, not retrained
+    assert list(Path(calrec_config["checkpoint_dir"]).glob("CALRec-ml-tiny-stage1-*")) == stage_dirs
+    assert set(only_stage_one["test_result"]) == set(first["test_result"])
+
+
+def test_checkpoint_round_trip_reproduces_scores(calrec_config):
+    record = run_recbole_llm("CALRec", "ml-tiny", config_dict={**calrec_config, "calrec_stages": [2]})
+    run_dirs = [p for p in Path(calrec_config["checkpoint_dir"]).glob("CALRec-ml-tiny-*") if "stage1" not in p.name]
+    assert len(run_dirs) == 1 and record["test_result"]
+    config, model, _, _, _, test = load_model(run_dirs[0] / "best")
+    config2, model2, _, _, _, _ = load_model(run_dirs[0] / "best")
+    interaction = next(iter(test))[0]
+    model.eval(), model2.eval()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        a = model.full_sort_predict(interaction)
+        torch.manual_seed(5)
+        b = model2.full_sort_predict(interaction)
+    assert torch.equal(a, b)
+    trained = {k: v for k, v in model.state_dict().items() if k.startswith("llm.")}
+    fresh_config, fresh, _ = build_calrec({**calrec_config, "calrec_stages": [2]})
+    assert fresh_config["lora_r"] == 0  # the paper's full fine-tuning: every backbone weight is saved and reloaded
+    assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in trained.items())  # the reload is the trained model
