@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) run_recbole_llm.py --model=Pop,BPR,SASRec --dataset=ml-100k --epochs=2 --show_progress=False \
+	$(PY) run_recbole_llm.py --model=CALRec,SASRec --dataset=ml-100k --preset=cpu \
 		--table=saved/demo-ml-100k.md --results=saved/demo-ml-100k.jsonl
 
 clean:

@@ -5,7 +5,8 @@ including command-line parsing and defaults, stays RecBole's. Layering, later wi
 
 RecBole internal (overall -> model -> dataset -> quick_start_config by model type)
 -> recbole_llm ``properties/overall.yaml`` -> ``properties/model/<Model>.yaml`` -> ``properties/dataset/<dataset>.yaml``
--> user config files -> config_dict -> command line.
+-> ``properties/presets/<Model>-<preset>.yaml`` (with ``--preset=NAME``) -> user config files -> config_dict
+-> command line.
 
 One default differs from RecBole's: sequential models trained with ``loss_type: CE`` (SASRec, BERT4Rec, ...)
 get ``train_neg_sample_args: ~`` in the internal layer, because RecBole 1.2.1's own defaults make them refuse
@@ -34,6 +35,16 @@ def properties_dir() -> Path:
     )
 
 
+def preset_file(model: str, preset: str, props: Path) -> Path:
+    """``properties/presets/<model>-<preset>.yaml``; a model without that preset keeps its defaults (a comparison
+    may name a preset that only some of its models have), an unknown preset name is an error."""
+    known = sorted({path.stem.split("-", 1)[1] for path in (props / "presets").glob("*-*.yaml")})
+    if preset not in known:
+        raise ValueError(f"unknown preset '{preset}'; presets: {', '.join(known) or '(none)'} "
+                         f"(files properties/presets/<Model>-<preset>.yaml)")
+    return props / "presets" / f"{model}-{preset}.yaml"
+
+
 class Config(RecBoleConfig):
     """RecBole Config that resolves model names through recbole_llm's registry and adds the plugin's YAML."""
 
@@ -47,7 +58,11 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         props = properties_dir()
-        for layer in (props / "overall.yaml", props / "model" / f"{model}.yaml", props / "dataset" / f"{dataset}.yaml"):
+        layers = [props / "overall.yaml", props / "model" / f"{model}.yaml", props / "dataset" / f"{dataset}.yaml"]
+        preset = self.external_config_dict.get("preset")
+        if preset:
+            layers.append(preset_file(model, preset, props))
+        for layer in layers:
             if not layer.is_file():
                 continue
             added = self._update_internal_config_dict(str(layer)) or {}
