@@ -12,6 +12,7 @@ appends every run's record to a JSON Lines file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -33,7 +34,10 @@ PROTOCOL = {"metrics": ["Recall", "NDCG", "MRR"], "topk": [1, 10], "valid_metric
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
