@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import recbole_llm
     from recbole_llm import quick_start
+    from recbole_llm.config import UnknownPresetError
     from recbole_llm.registry import UnknownModelError, get_model
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         records = quick_start.compare_models(
             models, args.dataset, config_files, overrides, results_path=args.results
         )
-    except (UnknownModelError, FileNotFoundError) as err:  # includes DatasetNotFoundError, a missing .item file
+    except (UnknownModelError, UnknownPresetError, FileNotFoundError) as err:  # incl. DatasetNotFoundError, no .item file
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -35,12 +35,16 @@ def properties_dir() -> Path:
     )
 
 
+class UnknownPresetError(ValueError):
+    """``--preset=NAME`` where no ``properties/presets/*-NAME.yaml`` exists."""
+
+
 def preset_file(model: str, preset: str, props: Path) -> Path:
     """``properties/presets/<model>-<preset>.yaml``; a model without that preset keeps its defaults (a comparison
     may name a preset that only some of its models have), an unknown preset name is an error."""
     known = sorted({path.stem.split("-", 1)[1] for path in (props / "presets").glob("*-*.yaml")})
     if preset not in known:
-        raise ValueError(f"unknown preset '{preset}'; presets: {', '.join(known) or '(none)'} "
+        raise UnknownPresetError(f"unknown preset '{preset}'; presets: {', '.join(known) or '(none)'} "
                          f"(files properties/presets/<Model>-<preset>.yaml)")
     return props / "presets" / f"{model}-{preset}.yaml"
 

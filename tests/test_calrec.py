@@ -287,3 +287,24 @@ def test_checkpoint_round_trip_reproduces_scores(calrec_config):
     fresh_config, fresh, _ = build_calrec({**calrec_config, "calrec_stages": [2]})
     assert fresh_config["lora_r"] == 0  # the paper's full fine-tuning: every backbone weight is saved and reloaded
     assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in trained.items())  # the reload is the trained model
+
+
+def test_stage_one_adds_other_datasets_as_domains_of_their_own(calrec_config):
+    config, model, (train, _, _) = build_calrec({**calrec_config, "stage1_datasets": "[ml-tiny]", "stage1_steps": 50})
+    batches = model.stage_one_batches(train.dataset, config)
+    probabilities = batches.mixture.probabilities
+    assert "ml-tiny" in probabilities and any(name.startswith("ml-tiny:") for name in probabilities)
+    # n_c is the number of users: the whole dataset (60 users) outweighs any single genre
+    assert probabilities["ml-tiny"] == max(probabilities.values())
+    drawn = {domain for domain, _ in batches.draws}
+    assert "ml-tiny" in drawn and len(drawn) > 3
+    batch = next(iter(batches))
+    assert len(batch.prompts) == config["train_batch_size"]
+    assert all(model.tokenizer.decode(p).startswith("This is the summary") for p in batch.prompts)
+
+
+def test_bad_stage_settings_fail_before_the_backbone_loads(calrec_config):
+    with pytest.raises(ValueError, match="calrec_stages must be"):
+        build_calrec({**calrec_config, "calrec_stages": [3]})
+    with pytest.raises(ValueError, match="stage1_datasets must be a list"):
+        build_calrec({**calrec_config, "stage1_datasets": "ml-1m"})

@@ -22,6 +22,11 @@ def test_unknown_dataset_names_the_path_looked_in(base_config, capsys):
     assert "no-such-data.inter" in err and base_config["data_path"] in err and "ml-1m" in err
 
 
+def test_unknown_preset_exits_2(capsys):
+    assert main(["--model=SASRec", "--preset=laptop"]) == 2
+    assert "unknown preset 'laptop'" in capsys.readouterr().err
+
+
 def test_comparison_prints_table_and_writes_records(base_config, small_sasrec, capsys, tmp_path):
     flags = _flags({**base_config, **small_sasrec})
     code = main(["--model=Pop,BPR,SASRec", "--dataset=ml-tiny", "--results=runs.jsonl", "--table=cmp.md", *flags])

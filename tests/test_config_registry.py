@@ -9,7 +9,7 @@ from recbole.utils import get_model as recbole_get_model
 from recbole.utils import init_seed
 
 from recbole_llm import Config, get_model, list_models, run_recbole_llm
-from recbole_llm.config import properties_dir
+from recbole_llm.config import UnknownPresetError, properties_dir
 from recbole_llm.registry import UnknownModelError
 
 
@@ -48,6 +48,20 @@ def test_layering_plugin_defaults_then_dataset_then_user(base_config):
     assert config["lora_r"] == 4  # config_dict beats plugin defaults
     assert config["item_text_fields"]["Title"] == "movie_title"  # plugin dataset/ml-100k.yaml
     assert "item_text_fields" in config.parameters["Dataset"]  # invalidates RecBole's dataset cache
+
+
+def test_a_preset_layers_each_models_own_file_under_the_user_settings(base_config):
+    calrec = Config("CALRec", "ml-100k", config_dict={"gpu_id": "", "preset": "cpu", "num_samples": 2})
+    assert calrec["max_history_items"] == 3  # properties/presets/CALRec-cpu.yaml beats model/CALRec.yaml (20)
+    assert calrec["num_samples"] == 2  # the user's setting beats the preset
+    assert calrec["item_text_fields"] == {"Title": "movie_title", "Year": "release_year"}  # beats dataset YAML
+    assert Config("SASRec", "ml-100k", config_dict={"gpu_id": "", "preset": "cpu"})["epochs"] == 2
+    assert Config("Pop", "ml-100k", config_dict={"gpu_id": "", "preset": "cpu"})["epochs"] == 300  # no Pop preset
+
+
+def test_an_unknown_preset_names_the_known_ones():
+    with pytest.raises(UnknownPresetError, match="unknown preset 'laptop'; presets: cpu"):
+        Config("SASRec", "ml-100k", config_dict={"gpu_id": "", "preset": "laptop"})
 
 
 def test_sequential_ce_models_start_without_negative_sampling(base_config):

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import yaml
 from recbole.data.dataset import SequentialDataset
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType, set_color
@@ -178,9 +179,7 @@ class CALRecTrainer(LLMTrainer):
     """
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        stages = [int(stage) for stage in self.config["calrec_stages"]]
-        if not stages or set(stages) - {1, 2}:
-            raise ValueError(f"calrec_stages must be [1, 2], [1] or [2]; got {self.config['calrec_stages']}")
+        stages = calrec_stages(self.config)
         if 1 in stages:
             self._stage_one(train_data, show_progress)
         if 2 in stages:
@@ -295,6 +294,7 @@ class CALRec(SequentialRecommender):
                 f"{self.tau}, {self.num_samples}, {self.generation_batch_size}"
             )
 
+        calrec_stages(config), list_setting(config, "stage1_datasets")  # bad values fail before the backbone loads
         self.llm, self.tokenizer = backbone_from_config(config)
         self.prompt = CALRecPrompt(
             self.tokenizer,
@@ -372,7 +372,7 @@ class CALRec(SequentialRecommender):
         else:
             sources[config["dataset"]] = _DomainExamples(self.prompt, self.item_tokens, histories, targets)
             users[config["dataset"]] = len(np.unique(user_ids))
-        for name in config["stage1_datasets"] or []:
+        for name in list_setting(config, "stage1_datasets"):
             other = _training_split(name, config)
             items = self.prompt.encode_items(ItemTextBuilder.from_config(other.config).build(other))
             histories, targets, user_ids = _split_rows(other)
@@ -416,6 +416,25 @@ class CALRec(SequentialRecommender):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def list_setting(config, key: str) -> list:
+    """A list-valued key; a command-line string such as ``[ml-1m]`` is read as YAML."""
+    value = config[key]
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key} must be a list, e.g. --{key}=[ml-1m]; got {config[key]!r}")
+    return list(value)
+
+
+def calrec_stages(config) -> list[int]:
+    stages = [int(stage) for stage in list_setting(config, "calrec_stages")]
+    if not stages or set(stages) - {1, 2}:
+        raise ValueError(f"calrec_stages must be [1, 2], [1] or [2] (Stage I, Stage II); got {config['calrec_stages']!r}")
+    return stages
+
+
 def _split_rows(dataset):
     """(histories, targets, user ids) of a sequential RecBole split."""
     inter = dataset.inter_feat
@@ -442,7 +461,9 @@ def _training_split(name: str, config):
     """RecBole's training split of another dataset, under this run's split and sample settings."""
     from recbole_llm.quick_start import make_config
 
-    keys = ("data_path", "eval_args", "MAX_ITEM_LIST_LENGTH", "train_targets_per_user", "train_max_samples", "seed",
+    keys = ("eval_args", "MAX_ITEM_LIST_LENGTH", "train_targets_per_user", "train_max_samples", "seed",
             "load_col", "user_inter_num_interval", "item_inter_num_interval", "checkpoint_dir", "gpu_id", "state")
-    other = make_config("CALRec", name, config_dict={key: config[key] for key in keys if config[key] is not None})
+    settings = {key: config[key] for key in keys if config[key] is not None}
+    settings["data_path"] = str(Path(config["data_path"]).parent)  # RecBole appended this run's dataset name
+    other = make_config("CALRec", name, config_dict=settings)
     return CALRecDataset(other).build()[0]
