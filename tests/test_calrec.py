@@ -308,3 +308,14 @@ def test_bad_stage_settings_fail_before_the_backbone_loads(calrec_config):
         build_calrec({**calrec_config, "calrec_stages": [3]})
     with pytest.raises(ValueError, match="stage1_datasets must be a list"):
         build_calrec({**calrec_config, "stage1_datasets": "ml-1m"})
+
+
+def test_calrec_tunes_with_recbole_hypertuning_over_its_hyper_file(calrec_config):
+    from recbole_llm.config import properties_dir
+    from recbole_llm.quick_start import tune
+
+    result = tune("CALRec", "ml-tiny", str(properties_dir() / "hyper" / "CALRec.hyper"), algo="random", max_evals=2,
+                  config_dict={**calrec_config, "calrec_stages": [2]})
+    assert len(result.trials) == 2
+    assert set(result.best_params) == {"learning_rate", "calrec_alpha", "contrastive_tau"}
+    assert result.valid_metric.lower() == "ndcg@10"
