@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     calrec_runs = CALREC_RUNS[:1] if args.skip_ablations else CALREC_RUNS
     runs += [(label, "CALRec", overrides) for label, overrides in calrec_runs]
 
-    started = time.strftime("%Y-%m-%d %H:%M")
+    started, commit = time.strftime("%Y-%m-%d %H:%M"), git_commit()  # the code that runs, not HEAD at the end
     records = []
     for label, model, overrides in runs:
         print(f"=== {label} on {args.dataset}", flush=True)
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     command = "python benchmarks/calrec_ml100k.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = (
         f"CALRec vs RecBole sequential models on {args.dataset} (preset: {args.preset})\n\n"
-        f"- command: `{command.strip()}`\n- commit: {git_commit()}\n- machine: {machine()}\n- started: {started}\n"
+        f"- command: `{command.strip()}`\n- commit: {commit}\n- machine: {machine()}\n- started: {started}\n"
         f"- protocol: {protocol}\n\n{comparison_table(records)}\n"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
