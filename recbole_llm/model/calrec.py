@@ -44,6 +44,9 @@ USER_PREFIX = "This is the summary of a user's purchase history."
 FIRST_ITEM_PREFIX = "The first item bought is as follows."
 NEXT_ITEM_PREFIX = "The next item bought is as follows."
 
+# Above this many training examples per epoch on a CPU, warn that the run will take days (BENCHMARKS.md).
+CPU_EXAMPLES_WARNING = 5000
+
 
 # ------------------------------------------------------------------------------------------------------ text
 class CALRecPrompt:
@@ -180,6 +183,12 @@ class CALRecTrainer(LLMTrainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         stages = calrec_stages(self.config)
+        examples = train_data.dataset.inter_num
+        if self.device.type == "cpu" and examples > CPU_EXAMPLES_WARNING:
+            self.logger.warning(
+                f"CALRec trains on {examples} examples per epoch on a CPU: at about 200 tokens/s this takes days. "
+                "Use a GPU (--gpu_id=0), --preset=cpu, or fewer examples (train_targets_per_user, train_max_samples)."
+            )
         if 1 in stages:
             self._stage_one(train_data, show_progress)
         if 2 in stages:
