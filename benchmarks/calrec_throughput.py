@@ -43,11 +43,6 @@ def main() -> None:
             break
     device = config["device"]
 
-    def text_batch(interaction):
-        prompts = [model.prompt.history(h, model.item_tokens) for h in model._histories(interaction)]
-        targets = [model.item_tokens[i] for i in interaction[model.POS_ITEM_ID].tolist()]
-        return TextBatch.build(prompts, targets, model.prompt.eos, model.prompt.pad, device)
-
     def raw_step(batch: TextBatch) -> int:
         for ids, mask in ((batch.joint_ids, batch.joint_mask), (batch.target_ids, batch.target_only_mask)):
             labels = ids.masked_fill(mask == 0, -100)
@@ -55,7 +50,7 @@ def main() -> None:
         return batch.tokens
 
     model.train()
-    prepared = [text_batch(b) for b in batches]
+    prepared = [model.text_batch(b.to(device)) for b in batches]
     raw_step(prepared[0])  # warm-up
     start, tokens = time.perf_counter(), 0
     for batch in prepared[1:]:

@@ -342,8 +342,11 @@ class CALRec(SequentialRecommender):
         return terms
 
     def loss_from_tokens(self, prompts, targets):
-        """Weighted loss terms (a tuple, so RecBole logs each) for prompt / target token lists."""
-        batch = TextBatch.build(prompts, targets, self.prompt.eos, self.prompt.pad, self.device)
+        """:meth:`weighted_loss` for prompt / target token lists."""
+        return self.weighted_loss(TextBatch.build(prompts, targets, self.prompt.eos, self.prompt.pad, self.device))
+
+    def weighted_loss(self, batch: TextBatch):
+        """Weighted loss terms (a tuple, so RecBole logs each; L_NIG alone without the contrastive terms)."""
         self.last_batch_tokens = batch.tokens
         terms = self.losses(batch)
         if not self.contrastive:
@@ -351,13 +354,16 @@ class CALRec(SequentialRecommender):
         return (1 - self.alpha - self.beta) * terms["nig"], self.alpha * terms["tt"], self.beta * terms["ut"]
 
     def _histories(self, interaction) -> list[list[int]]:
-        sequences = interaction[self.ITEM_SEQ].tolist()
-        return [seq[:length] for seq, length in zip(sequences, interaction[self.ITEM_SEQ_LEN].tolist())]
+        return _trimmed(interaction[self.ITEM_SEQ].tolist(), interaction[self.ITEM_SEQ_LEN].tolist())
 
-    def calculate_loss(self, interaction):
+    def text_batch(self, interaction) -> TextBatch:
+        """Both towers' tensors for a RecBole training batch (history -> next item)."""
         prompts = [self.prompt.history(history, self.item_tokens) for history in self._histories(interaction)]
         targets = [self.item_tokens[item] for item in interaction[self.POS_ITEM_ID].tolist()]
-        return self.loss_from_tokens(prompts, targets)
+        return TextBatch.build(prompts, targets, self.prompt.eos, self.prompt.pad, self.device)
+
+    def calculate_loss(self, interaction):
+        return self.weighted_loss(self.text_batch(interaction))
 
     def stage_loss(self, batch: StageBatch):
         return self.loss_from_tokens(batch.prompts, batch.targets)
@@ -447,10 +453,13 @@ def calrec_stages(config) -> list[int]:
 def _split_rows(dataset):
     """(histories, targets, user ids) of a sequential RecBole split."""
     inter = dataset.inter_feat
-    sequences = inter[dataset.item_id_list_field].tolist()
-    lengths = inter[dataset.item_list_length_field].tolist()
-    histories = [seq[:length] for seq, length in zip(sequences, lengths)]
+    histories = _trimmed(inter[dataset.item_id_list_field].tolist(), inter[dataset.item_list_length_field].tolist())
     return histories, inter[dataset.iid_field].tolist(), inter[dataset.uid_field].numpy()
+
+
+def _trimmed(sequences: list[list[int]], lengths: list[int]) -> list[list[int]]:
+    """Padded item-id sequences cut to their lengths."""
+    return [seq[:length] for seq, length in zip(sequences, lengths)]
 
 
 def _item_domains(dataset, field: str) -> list[str]:
