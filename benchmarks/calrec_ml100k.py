@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import recbole_llm  # noqa: F401  (compat shims first)
-from recbole_llm.quick_start import append_results, comparison_protocol, comparison_table, git_commit, run_recbole_llm
+from recbole_llm.quick_start import comparison_protocol, comparison_table, git_commit, run_in_comparison
 
 BASELINES = ["Pop", "GRU4Rec", "SASRec", "BERT4Rec"]
 CALREC_RUNS = [
@@ -62,14 +62,11 @@ def main(argv=None) -> None:
     runs += [(label, "CALRec", overrides) for label, overrides in calrec_runs]
 
     started, commit = time.strftime("%Y-%m-%d %H:%M"), git_commit()  # the code that runs, not HEAD at the end
-    records = []
-    for label, model, overrides in runs:
-        print(f"=== {label} on {args.dataset}", flush=True)
-        record = run_recbole_llm(model, args.dataset, config_dict={**common, **protocol, **overrides})
-        record["model"] = label
-        record["protocol"] = protocol
-        records.append(record)
-        append_results(args.results, record)
+    records = [
+        run_in_comparison(model, args.dataset, protocol, config_dict={**common, **overrides}, results_path=args.results,
+                          label=label)
+        for label, model, overrides in runs
+    ]
 
     command = "python benchmarks/calrec_ml100k.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = (

@@ -219,15 +219,20 @@ def comparison_protocol(models, dataset, config_file_list=None, config_dict=None
 def compare_models(models, dataset, config_file_list=None, config_dict=None, saved=True, results_path=None):
     """Run each model on the same dataset, split and metrics; return their records (also appended to JSON)."""
     protocol = comparison_protocol(models, dataset, config_file_list, config_dict)
-    records = []
-    for name in models:
-        print(set_color(f"=== {name} on {dataset}", "green"), flush=True)
-        record = run_recbole_llm(name, dataset, config_file_list, {**protocol, **(config_dict or {})}, saved)
-        record["protocol"] = protocol
-        records.append(record)
-        if results_path:
-            append_results(results_path, record)
-    return records
+    return [run_in_comparison(name, dataset, protocol, config_file_list, config_dict, saved, results_path)
+            for name in models]
+
+
+def run_in_comparison(model, dataset, protocol, config_file_list=None, config_dict=None, saved=True,
+                      results_path=None, label=None) -> dict:
+    """One run of a comparison under its shared ``protocol``; ``label`` names the column (e.g. an ablation)."""
+    label = label or model
+    print(set_color(f"=== {label} on {dataset}", "green"), flush=True)
+    record = run_recbole_llm(model, dataset, config_file_list, {**protocol, **(config_dict or {})}, saved)
+    record.update(model=label, protocol=protocol)
+    if results_path:
+        append_results(results_path, record)
+    return record
 
 
 def append_results(path, record: dict) -> None:

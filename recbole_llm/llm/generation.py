@@ -21,14 +21,20 @@ class Samples:
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` with every sequence right-aligned (padding on the left)."""
+    """``(input_ids, attention_mask)`` with every sequence right-aligned (padding on the left), for generation."""
+    return pad_sequences(sequences, pad_id, left=True, device=device)
+
+
+def pad_sequences(sequences, pad_id: int, *, left: bool = False, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token lists padded to one width, on the right unless ``left``."""
     width = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+            span = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, span] = torch.tensor(seq)
+            mask[row, span] = 1
     return ids.to(device), mask.to(device)
 
 

@@ -30,7 +30,7 @@ from recbole.utils import InputType, set_color
 from recbole_llm.data.domains import DomainMixture, first_token
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
 from recbole_llm.llm.backbone import backbone_from_config
-from recbole_llm.llm.generation import left_pad, sample_continuations
+from recbole_llm.llm.generation import left_pad, pad_sequences, sample_continuations
 from recbole_llm.llm.pooling import decoder_and_head, masked_mean
 from recbole_llm.model.losses import info_nce
 from recbole_llm.registry import register_model
@@ -114,20 +114,11 @@ class TextBatch:
     @classmethod
     def build(cls, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], eos: int, pad: int, device):
         targets = [list(t) + [eos] for t in targets]
-        joint = [list(p) + t for p, t in zip(prompts, targets)]
-        width, target_width = max(map(len, joint)), max(map(len, targets))
-        shape = (len(joint), width)
-        ids, mask, history, target = (torch.full(shape, pad), torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
-        target_ids, target_only_mask = torch.full((len(joint), target_width), pad), torch.zeros((len(joint), target_width))
-        for row, (prompt, tokens) in enumerate(zip(prompts, targets)):
-            ids[row, : len(prompt) + len(tokens)] = torch.tensor(list(prompt) + tokens)
-            mask[row, : len(prompt) + len(tokens)] = 1
-            history[row, : len(prompt)] = 1
-            target[row, len(prompt): len(prompt) + len(tokens)] = 1
-            target_ids[row, : len(tokens)] = torch.tensor(tokens)
-            target_only_mask[row, : len(tokens)] = 1
-        to = lambda t, dtype=torch.long: t.to(device=device, dtype=dtype)  # noqa: E731
-        return cls(to(ids), to(mask), to(history), to(target), to(target_ids), to(target_only_mask))
+        joint_ids, joint_mask = pad_sequences([list(p) + t for p, t in zip(prompts, targets)], pad, device=device)
+        target_ids, target_only_mask = pad_sequences(targets, pad, device=device)
+        prompt_lengths = torch.tensor([len(p) for p in prompts], device=device).unsqueeze(1)
+        history_mask = (torch.arange(joint_ids.shape[1], device=device) < prompt_lengths).long()
+        return cls(joint_ids, joint_mask, history_mask, joint_mask - history_mask, target_ids, target_only_mask)
 
     @property
     def tokens(self) -> int:
