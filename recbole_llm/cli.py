@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     overrides = parse_overrides(extra)
 
-    import recbole_llm
     from recbole_llm import quick_start
-    from recbole_llm.config import UnknownPresetError
-    from recbole_llm.registry import UnknownModelError, get_model
+    from recbole_llm.registry import get_model
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     config_files = args.config_files.split() if args.config_files else None
@@ -70,24 +69,40 @@ def main(argv: list[str] | None = None) -> int:
         records = quick_start.compare_models(
             models, args.dataset, config_files, overrides, results_path=args.results
         )
-    except (UnknownModelError, UnknownPresetError, FileNotFoundError) as err:  # incl. DatasetNotFoundError, no .item file
-        print(f"error: {err}", file=sys.stderr)
+    except quick_start.ComparisonInterrupted as stop:
+        print(f"\ninterrupted during {stop.interrupted}", file=sys.stderr)
+        if stop.records:
+            _write_table(args, stop.records, note=f"interrupted during {stop.interrupted}: finished runs only")
+        return EXIT_INTERRUPTED
+    # Bad input of any kind (settings, model or dataset names, paths, backbones, checkpoints) is one line, exit 2:
+    # these are raised before training, or name the file or key at fault.
+    except (ValueError, KeyError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    _write_table(args, records)
+    return 0
+
+
+def _write_table(args, records, note: str = "") -> None:
+    import recbole_llm
+    from recbole_llm import quick_start
 
     table = quick_start.comparison_table(records)
     protocol = records[0]["protocol"]
+    models = ", ".join(record["model"] for record in records)
     header = (
-        f"{', '.join(models)} on {args.dataset} | split {protocol['eval_args']['split']}, "
-        f"order {protocol['eval_args']['order']}, mode {protocol['eval_args']['mode']} | "
+        f"{models} on {args.dataset} | split {protocol['eval_args']['split']}, "
+        f"order {protocol['eval_args']['order']}, mode {protocol['eval_args']['mode']}, "
+        f"history {'excluded' if protocol['exclude_history'] else 'kept'} in the ranking | "
         f"recbole_llm {recbole_llm.__version__}, commit {records[0]['commit'] or 'unknown'}, "
-        f"device {records[0]['device']}"
+        f"device {records[0]['device']}" + (f" | {note}" if note else "")
     )
     print(f"\n{header}\n\n{table}\n")
     table_path = Path(args.table or f"saved/comparison-{args.dataset}-{_stamp()}.md")
     table_path.parent.mkdir(parents=True, exist_ok=True)
     table_path.write_text(f"{header}\n\n{table}\n")
     print(f"table written to {table_path}" + (f"; records appended to {args.results}" if args.results else ""))
-    return 0
 
 
 def _tune(args, models, config_files, overrides) -> int:

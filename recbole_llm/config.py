@@ -1,7 +1,10 @@
 """recbole_llm's Config: RecBole's Config with plugin name resolution and plugin YAML layers.
 
-Only the two hooks RecBole offers for this are overridden (the RecBole-GNN pattern); everything else,
-including command-line parsing and defaults, stays RecBole's. Layering, later wins:
+The two hooks RecBole offers for this are overridden (the RecBole-GNN pattern), plus two safety points: string
+values (command line, ``config_dict``, a checkpoint's JSON) are parsed by :func:`recbole_llm.settings.parse_value`
+instead of RecBole's ``eval``, so no configuration value ever runs code; and the merged configuration is
+validated against :mod:`recbole_llm.settings` before anything loads. Everything else, including defaults, stays
+RecBole's. Layering, later wins:
 
 RecBole internal (overall -> model -> dataset -> quick_start_config by model type)
 -> recbole_llm ``properties/overall.yaml`` -> ``properties/model/<Model>.yaml`` -> ``properties/dataset/<dataset>.yaml``
@@ -20,6 +23,7 @@ from pathlib import Path
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
+from recbole_llm import settings
 from recbole_llm.registry import get_model
 
 
@@ -51,6 +55,15 @@ def preset_file(model: str, preset: str, props: Path) -> Path:
 
 class Config(RecBoleConfig):
     """RecBole Config that resolves model names through recbole_llm's registry and adds the plugin's YAML."""
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
+        super().__init__(model, dataset, config_file_list, config_dict)
+        settings.validate(self.final_config_dict, self["model"])
+
+    def _convert_config_dict(self, config_dict):
+        # RecBole eval()s every string value; a checkpoint's JSON or a tuning file must never run code.
+        return {key: settings.parse_value(value) if isinstance(value, str) else value
+                for key, value in config_dict.items()}
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:

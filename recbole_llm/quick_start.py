@@ -20,19 +20,18 @@ from importlib import metadata
 from logging import getLogger
 from pathlib import Path
 
-import recbole
 import torch
-import yaml
 from recbole.data import data_preparation
 from recbole.utils import ModelType, init_logger, init_seed, set_color
 
 from recbole_llm.config import Config, properties_dir
 from recbole_llm.data.assets import ensure_dataset_files
 from recbole_llm.registry import create_dataset, get_model, get_trainer
-from recbole_llm.trainer.checkpoint import load_weights, read_meta, to_jsonable
+from recbole_llm.protocol import apply_history_exclusion, protocol_of
+from recbole_llm.settings import closest
+from recbole_llm.trainer.checkpoint import CheckpointError, load_weights, read_meta
+from recbole_llm.trainer.fingerprint import resolved_settings, run_fingerprint
 
-# The evaluation protocol that must be identical for models to be compared on one table.
-PROTOCOL_KEYS = ("eval_args", "metrics", "topk", "valid_metric")
 
 
 @contextlib.contextmanager
@@ -113,29 +112,36 @@ def git_commit() -> str | None:
     return None
 
 
-def relevant_config(config) -> dict:
-    """The resolved settings that shape a result: the model's own keys, training and evaluation settings."""
-    keys = set(config.parameters["Training"]) | set(config.parameters["Evaluation"]) | {"seed", "reproducibility"}
-    model_yamls = [
-        Path(recbole.__file__).parent / "properties" / "model" / f"{config['model']}.yaml",
-        properties_dir() / "model" / f"{config['model']}.yaml",
-    ]
-    for path in model_yamls:
-        if path.is_file():
-            keys |= set(yaml.safe_load(path.read_text()) or {})
-    keys |= set(config.external_config_dict)
-    return {key: to_jsonable(config[key]) for key in sorted(keys) if key in config.final_config_dict}
-
-
 def _floats(result) -> dict:
     return {key: float(value) for key, value in (result or {}).items()}
 
 
+class EmptySplitError(ValueError):
+    """A split that evaluation needs holds no rows."""
+
+
+def check_splits(config, loaders) -> None:
+    """Refuse a run whose validation (when used) or test split is empty, before any model is built."""
+    phases = [("test", loaders[2])] + ([("valid", loaders[1])] if config["eval_step"] else [])
+    empty = [name for name, loader in phases if loader is None or len(loader.dataset) == 0]
+    if empty:
+        raise EmptySplitError(
+            f"the {' and '.join(empty)} split of {config['dataset']} is empty under eval_args={config['eval_args']}: "
+            "every user has too few interactions to hold one out (leave-one-out needs at least 3 per user). "
+            "Use more data per user, another split (e.g. --eval_args=\"{split: {RS: [0.8, 0.1, 0.1]}, order: RO, "
+            "mode: full}\"), or drop such users with --user_inter_num_interval=\"[3,inf)\"."
+        )
+
+
 def build_model_and_data(config):
-    """``(dataset, (train, valid, test) loaders, model)`` for a Config, seeded as RecBole's quick start does."""
+    """``(dataset, (train, valid, test) loaders, model)`` for a Config, seeded as RecBole's quick start does.
+
+    The evaluation loaders follow the run's protocol (:func:`recbole_llm.protocol.apply_history_exclusion`)."""
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     loaders = data_preparation(config, dataset)
+    check_splits(config, loaders)
+    apply_history_exclusion(config, *loaders)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
     return dataset, loaders, model
@@ -178,7 +184,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "peak_rss_mib": round(memory.peak_rss_mib, 1),
         "peak_gpu_mib": None if memory.peak_gpu_mib is None else round(memory.peak_gpu_mib, 1),
         "device": str(config["device"]),
-        "config": relevant_config(config),
+        "protocol": protocol_of(config),
+        "config": resolved_settings(config),
         "versions": package_versions(),
         "commit": git_commit(),
     }
@@ -213,14 +220,29 @@ def comparison_protocol(models, dataset, config_file_list=None, config_dict=None
             f"Cannot compare ranking and value (CTR) models on one table: {kinds}. Compare them separately."
         )
     reference = next((c for c in configs if c["MODEL_TYPE"] == ModelType.SEQUENTIAL), configs[0])
-    return {key: reference[key] for key in PROTOCOL_KEYS}
+    return protocol_of(reference)
+
+
+class ComparisonInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a comparison; ``records`` holds the runs that finished before it."""
+
+    def __init__(self, records: list[dict], interrupted: str):
+        super().__init__(f"interrupted during {interrupted}")
+        self.records, self.interrupted = records, interrupted
 
 
 def compare_models(models, dataset, config_file_list=None, config_dict=None, saved=True, results_path=None):
-    """Run each model on the same dataset, split and metrics; return their records (also appended to JSON)."""
+    """Run each model on the same dataset, split, metrics and history exclusion; return their records (also
+    appended to ``results_path``). Ctrl-C raises :class:`ComparisonInterrupted` with the finished records."""
     protocol = comparison_protocol(models, dataset, config_file_list, config_dict)
-    return [run_in_comparison(name, dataset, protocol, config_file_list, config_dict, saved, results_path)
-            for name in models]
+    records = []
+    for name in models:
+        try:
+            records.append(run_in_comparison(name, dataset, protocol, config_file_list, config_dict, saved,
+                                             results_path))
+        except KeyboardInterrupt:
+            raise ComparisonInterrupted(records, name) from None
+    return records
 
 
 def run_in_comparison(model, dataset, protocol, config_file_list=None, config_dict=None, saved=True,
@@ -228,8 +250,8 @@ def run_in_comparison(model, dataset, protocol, config_file_list=None, config_di
     """One run of a comparison under its shared ``protocol``; ``label`` names the column (e.g. an ablation)."""
     label = label or model
     print(set_color(f"=== {label} on {dataset}", "green"), flush=True)
-    record = run_recbole_llm(model, dataset, config_file_list, {**protocol, **(config_dict or {})}, saved)
-    record.update(model=label, protocol=protocol)
+    record = run_recbole_llm(model, dataset, config_file_list, {**(config_dict or {}), **protocol}, saved)
+    record.update(model=label)
     if results_path:
         append_results(results_path, record)
     return record
@@ -291,6 +313,7 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_fi
 
     base = {"model": model, "dataset": dataset, **(config_dict or {})}
     config = make_config(model, dataset, config_file_list, config_dict)
+    check_tuned_keys(params_file, config)
     os.environ.setdefault("HYPEROPT_FMIN_SEED", str(config["seed"]))  # random / bayes draws are reproducible
 
     trials = []
@@ -310,6 +333,18 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_fi
     return TuningResult(best_params=hyper.best_params, valid_metric=config["valid_metric"], trials=trials)
 
 
+def check_tuned_keys(params_file, config) -> None:
+    """Refuse a params file naming a key the model's configuration does not have (a typo would tune nothing)."""
+    known = set(config.final_config_dict)
+    names = [line.split()[0] for line in Path(params_file).read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        hints = "; ".join(f"'{name}'{closest(name, known)}" for name in unknown)
+        raise KeyError(f"{params_file} tunes keys that {config['model']} has no setting for: {hints}. "
+                       "Fix the names (they are the YAML keys of the model, RecBole and recbole_llm).")
+
+
 def trials_table(trials, valid_metric: str) -> str:
     metrics = list(trials[0]["test"]) if trials else []
     lines = [f"| params | valid {valid_metric} | " + " | ".join(f"test {m}" for m in metrics) + " |",
@@ -322,17 +357,30 @@ def trials_table(trials, valid_metric: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ reloading
-def load_model(path, with_data: bool = True):
+def load_model(path, with_data: bool = True, check_inputs: bool = True):
     """Rebuild a trained recbole_llm model from a checkpoint directory (``<run dir>/best``).
 
     Returns ``(config, model, dataset, train_data, valid_data, test_data)`` like RecBole's
     ``load_data_and_model``; with ``with_data=False`` the three loaders are ``None``.
+
+    Nothing in the checkpoint is evaluated: its JSON settings are typed values, checked like any configuration.
+    With ``check_inputs`` the configuration, data files and package version must still give the checkpoint's
+    fingerprint; otherwise the model would be rebuilt from, or tested on, other inputs than it was trained on.
     """
     meta = read_meta(path)
-    config = make_config(meta["model"], meta["dataset"], config_dict=meta["config"])
+    if not isinstance(meta.get("model"), str) or not isinstance(meta.get("dataset"), str):
+        raise CheckpointError(f"{path}: the checkpoint's JSON names no model and dataset.")
+    config = make_config(meta["model"], meta["dataset"], config_dict=meta.get("config") or {})
+    if check_inputs and meta.get("fingerprint") != run_fingerprint(config):
+        raise CheckpointError(
+            f"{path} was trained on other inputs than the ones it would be loaded with now: the resolved "
+            "configuration (a YAML layer or preset), the data files or the recbole_llm version changed since "
+            "(fingerprint mismatch). Retrain, or pass check_inputs=False to load it anyway."
+        )
     dataset, (train_data, valid_data, test_data), model = build_model_and_data(config)
     load_weights(path, model)
     model.eval()
     if not with_data:
         train_data = valid_data = test_data = None
     return config, model, dataset, train_data, valid_data, test_data
+

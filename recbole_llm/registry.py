@@ -66,14 +66,16 @@ def get_model(name: str) -> type:
             raise ModuleNotFoundError(f"RecBole's {name} needs the '{err.name}' package: pip install {err.name}") from err
         plugin, recbole = list_models()
         raise UnknownModelError(_unknown_message(name, plugin, recbole)) from None
-    except ValueError:
+    except (ValueError, AttributeError):  # AttributeError: a module exists under another spelling (sasrec)
         plugin, recbole = list_models()
         raise UnknownModelError(_unknown_message(name, plugin, recbole)) from None
 
 
 def _unknown_message(name: str, plugin: list[str], recbole: list[str]) -> str:
+    from recbole_llm.settings import closest
+
     return (
-        f"Unknown model '{name}'. recbole_llm models: {', '.join(plugin) or '(none yet)'}. "
+        f"Unknown model '{name}'{closest(name, [*plugin, *recbole])}. recbole_llm models: {', '.join(plugin) or '(none yet)'}. "
         f"RecBole models: {', '.join(recbole)}."
     )
 

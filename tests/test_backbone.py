@@ -5,7 +5,14 @@ import time
 import pytest
 import torch
 
-from recbole_llm.llm.backbone import BackboneNotFoundError, LoraSpec, load_backbone, resolve_llm_path
+from recbole_llm.llm.backbone import (
+    BackboneNotFoundError,
+    LoraSpec,
+    autocast_dtype,
+    load_backbone,
+    materialize_tiny_random,
+    resolve_llm_path,
+)
 
 
 def _logits(model, tokenizer, text="The next item bought is as follows."):
@@ -29,10 +36,12 @@ def test_lora_leaves_only_adapters_trainable():
     assert any("q_proj" in name for name in trainable) and not any("k_proj" in name for name in trainable)
 
 
-def test_qlora_4bit_training_step_on_cpu():
+def test_qlora_4bit_training_step_on_cpu(tmp_path):
     import bitsandbytes as bnb
 
-    model, tok = load_backbone("tiny-random", quantization="4bit", lora=LoraSpec(r=4))
+    # Layers sized to bitsandbytes' blocks, so every CPU kernel path (AVX512-BF16 repacking included) takes them.
+    wide = materialize_tiny_random(tmp_path / "tiny-64", hidden_size=64, intermediate_size=128)
+    model, tok = load_backbone(str(wide), quantization="4bit", lora=LoraSpec(r=4))
     assert isinstance(model.base_model.model.model.layers[0].self_attn.k_proj, bnb.nn.Linear4bit)
     batch = tok(["The user watched the following movies"], return_tensors="pt")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -45,6 +54,20 @@ def test_qlora_4bit_training_step_on_cpu():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+    model.eval()  # inference in eval mode takes the other kernel path (weight repacking on AVX512-BF16 CPUs)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_four_bit_on_layers_the_kernels_cannot_take_is_refused():
+    with pytest.raises(ValueError, match="multiple of 64.*llm_quantization=none or 8bit"):
+        load_backbone("tiny-random", quantization="4bit")
+
+
+def test_a_directory_without_a_model_is_refused_clearly(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(BackboneNotFoundError, match="holds no model"):
+        load_backbone(str(tmp_path))
 
 
 def test_smollm2_alias_converts_the_bundled_gguf_once():
@@ -74,3 +97,22 @@ def test_missing_local_directory_is_reported(tmp_path):
 def test_bad_options_name_the_key_and_allowed_values(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         load_backbone("tiny-random", **kwargs)
+
+
+def test_auto_dtype_autocasts_to_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+    monkeypatch.setenv("RECBOLE_LLM_CPU_BF16", "1")
+    assert autocast_dtype("auto", "cpu") is torch.bfloat16
+    assert autocast_dtype("fp32", "cpu") is None  # an explicit dtype is taken as asked
+    monkeypatch.setenv("RECBOLE_LLM_CPU_BF16", "0")
+    assert autocast_dtype("auto", "cpu") is None
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_the_loss():
+    model, tok = load_backbone("tiny-random")
+    batch = tok(["The user watched the following movies"], return_tensors="pt")
+    fp32 = model(**batch, labels=batch.input_ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(**batch, labels=batch.input_ids).loss
+    bf16.backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert bf16.item() == pytest.approx(fp32.item(), rel=2e-2)

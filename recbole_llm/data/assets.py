@@ -140,6 +140,14 @@ def ensure_dataset_files(dataset: str, data_path: str | os.PathLike, benchmark_f
         else [folder / f"{dataset}.inter"]
     )
     if all(path.is_file() for path in wanted):
+        for path in wanted:
+            with open(path, "rb") as f:
+                rows = sum(1 for line, _ in zip(f, range(2)) if line.strip())
+            if rows < 2:
+                raise DatasetNotFoundError(
+                    f"{path} holds no interactions (a header at most). Add rows in RecBole's atomic format: a header "
+                    "such as 'user_id:token<TAB>item_id:token<TAB>timestamp:float', then one interaction per line."
+                )
         return folder
     if dataset in PREPARERS and not benchmark_filename:
         return PREPARERS[dataset](folder)

@@ -11,12 +11,18 @@ e.g. ``Title: Toy Story, Genres: Animation Children's Comedy, Year: 1995``, with
 
 from __future__ import annotations
 
+import logging
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+# Above this share of items without any text, building item texts warns.
+TEXTLESS_WARNING_SHARE = 0.05
 
 
 def read_item_table(path: str | Path) -> pd.DataFrame:
@@ -42,21 +48,29 @@ class ItemTextBuilder:
     missing: str = "unknown"
     separator: str = ", "
 
-    def render(self, record: Mapping[str, str]) -> str:
+    def render(self, record: Mapping[str, str], values_only: bool = False) -> str:
+        """The item's text; ``values_only`` gives just its field values, space-separated (no labels, no template
+        words), which is what a retrieval index should match on."""
         value = lambda name: (str(record.get(name, "") or "").strip() or self.missing)  # noqa: E731
+        names = self._template_fields() if self.template is not None else list(self.fields.values())
+        if values_only:
+            return " ".join(value(name) for name in names)
         if self.template is not None:
-            names = [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
             return self.template.format(**{name: value(name) for name in names})
         return self.separator.join(f"{label}: {value(name)}" for label, name in self.fields.items())
+
+    def _template_fields(self) -> list[str]:
+        return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+
+    @property
+    def labels(self) -> list[str]:
+        """The labels written before values (none with a template)."""
+        return [] if self.template is not None else list(self.fields)
 
     def _check_fields(self, columns: Sequence[str], id_field: str, source: Path) -> None:
         if self.fields is None:
             self.fields = {name: name for name in columns if name != id_field}
-        wanted = (
-            [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
-            if self.template is not None
-            else list(self.fields.values())
-        )
+        wanted = self._template_fields() if self.template is not None else list(self.fields.values())
         unknown = [name for name in wanted if name not in columns]
         if unknown:
             raise KeyError(
@@ -69,15 +83,30 @@ class ItemTextBuilder:
         self._check_fields(list(table.columns), id_field, Path("?"))
         return [self.render(record) for record in table.to_dict("records")]
 
-    def build_from_table(self, table: pd.DataFrame, id_field: str, item_tokens: Sequence[str], source=Path("?")):
-        """Texts aligned with ``item_tokens`` (RecBole's internal id order); index 0 is the padding item."""
+    def build_from_table(self, table: pd.DataFrame, id_field: str, item_tokens: Sequence[str], source=Path("?"),
+                         values_only: bool = False):
+        """Texts aligned with ``item_tokens`` (RecBole's internal id order); index 0 is the padding item.
+
+        Logs a warning when many items have no text (no row in the item file, or every field empty)."""
         self._check_fields(list(table.columns), id_field, source)
         records = table.drop_duplicates(id_field).set_index(id_field).to_dict("index")
-        texts = [self.render(records.get(str(token), {})) for token in item_tokens]
+        rows = [records.get(str(token), {}) for token in item_tokens]
+        self._warn_if_textless(rows[1:], source)
+        texts = [self.render(row, values_only) for row in rows]
         texts[0] = ""
         return texts
 
-    def build(self, dataset) -> list[str]:
+    def _warn_if_textless(self, rows: list[Mapping[str, str]], source) -> None:
+        names = self._template_fields() if self.template is not None else list(self.fields.values())
+        empty = sum(1 for row in rows if not any(str(row.get(name, "") or "").strip() for name in names))
+        if rows and empty / len(rows) > TEXTLESS_WARNING_SHARE:
+            logger.warning(
+                f"{empty} of {len(rows)} items ({empty / len(rows):.0%}) have no text in {source} (no row, or the "
+                f"fields {names} all empty): they read '{self.render({})}'. Check the item ids of the .item file "
+                "against the .inter file, or item_text_fields."
+            )
+
+    def build(self, dataset, values_only: bool = False) -> list[str]:
         """Texts for every internal item id of a RecBole ``Dataset`` (``texts[i]`` is item ``i``)."""
         source = Path(dataset.dataset_path) / f"{dataset.dataset_name}.item"
         item_tokens = dataset.field2id_token[dataset.iid_field]
@@ -86,7 +115,7 @@ class ItemTextBuilder:
                 f"{dataset.dataset_name} has no item file ({source}); LLM recommenders need item text. "
                 "Add a RecBole .item atomic file with at least a title column."
             )
-        return self.build_from_table(read_item_table(source), dataset.iid_field, item_tokens, source)
+        return self.build_from_table(read_item_table(source), dataset.iid_field, item_tokens, source, values_only)
 
     @classmethod
     def from_config(cls, config) -> "ItemTextBuilder":

@@ -65,6 +65,10 @@ def resolve_llm_path(path: str, cache_dir: str | Path | None = None) -> tuple[st
             raise BackboneNotFoundError(f"llm_path {path!r}: no such GGUF file.")
         return str(convert_gguf(local, cache)), True
     if local.is_dir():
+        if not (local / "config.json").is_file():
+            ggufs = sorted(local.glob("*.gguf"))
+            hint = f" It holds {ggufs[0].name}: pass that file as llm_path." if ggufs else ""
+            raise BackboneNotFoundError(_not_found_message(path, "the directory holds no model (no config.json)") + hint)
         return str(local), True
     if local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
         raise BackboneNotFoundError(_not_found_message(path, "no such directory"))
@@ -167,8 +171,10 @@ def build_tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
 
 
-def materialize_tiny_random(target: Path) -> Path:
-    """Write the ``tiny-random`` backbone (seeded, so identical everywhere) to ``target`` once."""
+def materialize_tiny_random(target: Path, hidden_size: int = 32, intermediate_size: int = 64) -> Path:
+    """Write the ``tiny-random`` backbone (seeded, so identical everywhere) to ``target`` once.
+
+    Other sizes give the same architecture wider (e.g. ``hidden_size=64`` fits bitsandbytes' 4-bit blocks)."""
     if (target / "config.json").is_file():
         return target
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -177,8 +183,8 @@ def materialize_tiny_random(target: Path) -> Path:
         tokenizer = build_tiny_tokenizer()
         config = LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -198,7 +204,35 @@ def materialize_tiny_random(target: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ loading
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16). ``RECBOLE_LLM_CPU_BF16=0|1`` overrides."""
+    forced = os.environ.get("RECBOLE_LLM_CPU_BF16")
+    if forced is not None:
+        return forced.strip().lower() in ("1", "true", "yes")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: no detection, fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(dtype: str, device) -> torch.dtype | None:
+    """The autocast dtype for ``llm_dtype``: bf16 under ``auto`` where the hardware has native bf16 (a CUDA GPU
+    with bf16, or a CPU with AVX512-BF16 / AMX), else None. Weights keep the dtype :func:`resolve_dtype` gives
+    (fp32 on a CPU), so autocast computes in bf16 over fp32 master weights. An explicit dtype means no autocast."""
+    device = torch.device(device)
+    if dtype != "auto":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Weight dtype for ``llm_dtype``; ``auto`` is bf16 on a GPU that supports it, else fp32 (see :func:`autocast_dtype`)."""
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -224,6 +258,32 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+# bitsandbytes' 4-bit kernels work in blocks of 64 input features; on a CPU with AVX512-BF16 the inference path
+# also repacks weights in groups of 32 output rows. Smaller or ragged layers fail deep inside bitsandbytes.
+FOUR_BIT_BLOCK_IN, FOUR_BIT_BLOCK_OUT = 64, 32
+
+
+def check_four_bit_shapes(model, device: torch.device) -> None:
+    """Refuse a 4-bit model whose quantized layers the CPU kernels cannot take (see the constants above)."""
+    if device.type != "cpu":
+        return
+    import bitsandbytes as bnb
+
+    bad = [
+        f"{name} ({module.in_features} -> {module.out_features})"
+        for name, module in model.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+        and (module.in_features % FOUR_BIT_BLOCK_IN or module.out_features % FOUR_BIT_BLOCK_OUT)
+    ]
+    if bad:
+        raise ValueError(
+            f"llm_quantization=4bit: bitsandbytes' CPU kernels need every quantized layer's input features to be a "
+            f"multiple of {FOUR_BIT_BLOCK_IN} and its output features a multiple of {FOUR_BIT_BLOCK_OUT}; this "
+            f"backbone has {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}. Use llm_quantization=none or 8bit "
+            "for this model, or a larger backbone."
+        )
 
 
 def load_backbone(
@@ -257,6 +317,8 @@ def load_backbone(
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if quant is None:
         model.to(device)
+    elif quantization == "4bit":
+        check_four_bit_shapes(model, device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if lora is not None and lora.r > 0:

@@ -14,6 +14,7 @@ the catalogue by BM25 for each and merges the N rankings quasi-round-robin.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +38,19 @@ from recbole_llm.registry import register_model
 from recbole_llm.retrieval.bm25 import BM25Index, tokenize
 from recbole_llm.retrieval.merge import quasi_round_robin_merge
 from recbole_llm.trainer.checkpoint import META, load_weights, read_meta, save_checkpoint
-from recbole_llm.trainer.llm_trainer import LLMTrainer, run_fingerprint
+from recbole_llm.trainer.fingerprint import run_fingerprint
+from recbole_llm.trainer.llm_trainer import LLMTrainer
 
 # CALRec §3.1 (METHODS.md §1.2): the user prefix and the per-item prefixes, verbatim.
 USER_PREFIX = "This is the summary of a user's purchase history."
 FIRST_ITEM_PREFIX = "The first item bought is as follows."
 NEXT_ITEM_PREFIX = "The next item bought is as follows."
+
+# Keys that shape Stage II or scoring but not Stage I: a Stage-I cache is shared across them.
+STAGE_TWO_KEYS = (
+    "calrec_stages", "num_samples", "temperature", "bm25_epsilon", "bm25_index_labels", "bm25_normalization",
+    "generation_batch_size", "exclude_history", "metrics", "topk", "valid_metric", "valid_metric_bigger",
+)
 
 # Above this many training examples per epoch on a CPU, warn that the run will take days (BENCHMARKS.md).
 CPU_EXAMPLES_WARNING = 5000
@@ -191,7 +199,8 @@ class CALRecTrainer(LLMTrainer):
         return self._valid_epoch(valid_data, show_progress=show_progress)
 
     def stage_one_dir(self) -> Path:
-        fingerprint = run_fingerprint(self.config, ignore=("calrec_stages",))
+        """Stage I's cache, keyed like the run but without the keys that only Stage II or scoring read."""
+        fingerprint = run_fingerprint(self.config, ignore=STAGE_TWO_KEYS)
         return Path(self.checkpoint_dir) / f"CALRec-{self.config['dataset']}-stage1-{fingerprint}"
 
     def _stage_one(self, train_data, show_progress: bool) -> None:
@@ -269,12 +278,20 @@ class CALRec(SequentialRecommender):
     against the catalogue's item texts, merged by :func:`quasi_round_robin_merge`.
 
     NOTE: the paper fully fine-tunes PaLM-2 XXS; here any Hugging Face causal LM works (full fine-tuning with
-    ``lora_r: 0``, the default, or LoRA / QLoRA). No projection heads (none are described). Items already in the
-    history are excluded from the ranking (``exclude_history``), a choice the paper does not state.
+    ``lora_r: 0``, the default, or LoRA / QLoRA). No projection heads (none are described). Whether items already
+    in the history are ranked is the evaluation protocol's ``exclude_history``, the same for every model of a
+    comparison (the paper does not say). BM25 indexes the items' attribute values, not their labels
+    (``bm25_index_labels``), and ``bm25_normalization: self`` offers an alternative to the paper's min-max.
     """
 
     input_type = InputType.POINTWISE
     backbone_modules = ("llm",)
+
+    @staticmethod
+    def input_datasets(config) -> dict[str, Path]:
+        """Stage I also reads the datasets of ``stage1_datasets``: their files are part of every fingerprint."""
+        root = Path(config["data_path"]).parent  # RecBole appended this run's dataset name
+        return {name: root / name for name in list_setting(config, "stage1_datasets")}
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -286,7 +303,8 @@ class CALRec(SequentialRecommender):
         self.num_samples = int(config["num_samples"])
         self.temperature = float(config["temperature"])
         self.epsilon = float(config["bm25_epsilon"])
-        self.exclude_history = bool(config["exclude_history"])
+        self.index_labels = bool(config["bm25_index_labels"])
+        self.self_normalise = config["bm25_normalization"] == "self"
         self.generation_batch_size = int(config["generation_batch_size"])
         if self.tau <= 0 or self.num_samples < 1 or self.generation_batch_size < 1:
             raise ValueError(
@@ -302,9 +320,15 @@ class CALRec(SequentialRecommender):
             max_prompt_tokens=int(config["max_prompt_tokens"]),
             max_item_tokens=int(config["max_item_tokens"]),
         )
-        self.item_texts = ItemTextBuilder.from_config(config).build(dataset)
+        text_builder = ItemTextBuilder.from_config(config)
+        self.item_texts = text_builder.build(dataset)
         self.item_tokens = self.prompt.encode_items(self.item_texts)
-        self.bm25 = BM25Index([tokenize(text) for text in self.item_texts[1:]])  # column j is item j + 1
+        documents = self.item_texts if self.index_labels else text_builder.build(dataset, values_only=True)
+        # Labels are cut from generated texts too, so that "Title" in a sample never matches a title word.
+        self.label_pattern = re.compile(
+            r"\b(?:" + "|".join(map(re.escape, text_builder.labels)) + r")\s*:", re.IGNORECASE
+        ) if text_builder.labels and not self.index_labels else None
+        self.bm25 = BM25Index([tokenize(text) for text in documents[1:]])  # column j is item j + 1
         self.last_batch_tokens = 0
 
     # ---------------------------------------------------------------------------------------------- towers
@@ -390,17 +414,19 @@ class CALRec(SequentialRecommender):
 
     # -------------------------------------------------------------------------------------------- scoring
     def full_sort_predict(self, interaction):
+        """``[B, n_items]``: each user's merged BM25 ranking of sampled item texts, ``-inf`` for unreached items."""
         histories = self._histories(interaction)
         scores = torch.full((len(histories), self.n_items), float("-inf"), device=self.device)
+        self.last_generations = []
         for start in range(0, len(histories), self.generation_batch_size):
             chunk = histories[start: start + self.generation_batch_size]
-            scores[start: start + len(chunk), 1:] = self._rank_catalogue(chunk).to(self.device)
-        if self.exclude_history:
-            scores.scatter_(1, interaction[self.ITEM_SEQ], float("-inf"))
+            texts, log_probs = self.generate_item_texts(chunk)
+            self.last_generations += texts
+            scores[start: start + len(chunk), 1:] = self.rank_texts(texts, log_probs).to(self.device)
         return scores
 
-    def _rank_catalogue(self, histories: list[list[int]]) -> torch.Tensor:
-        """``[len(histories), n_items - 1]`` merged BM25 scores of the sampled item texts."""
+    def generate_item_texts(self, histories: list[list[int]]) -> tuple[list[str], torch.Tensor]:
+        """``num_samples`` item texts per history (flat, user-major) and their log-probabilities ``[B, N]``."""
         prompts = [self.prompt.history(history, self.item_tokens) for history in histories]
         ids, mask = left_pad(prompts, self.prompt.pad, self.device)
         samples = sample_continuations(
@@ -411,14 +437,27 @@ class CALRec(SequentialRecommender):
         texts = self.tokenizer.batch_decode(
             [row[:length] for row, length in zip(flat, samples.lengths.flatten().tolist())], skip_special_tokens=True
         )
-        self.last_generations = texts
-        bm25 = torch.from_numpy(self.bm25.scores([tokenize(text) for text in texts])).float()
-        bm25 = bm25.view(len(histories), self.num_samples, -1)
-        return quasi_round_robin_merge(bm25, samples.log_probs.float().cpu(), self.epsilon)
+        return [first_item_text(text) for text in texts], samples.log_probs.float().cpu()
+
+    def rank_texts(self, texts: list[str], log_probs: torch.Tensor) -> torch.Tensor:
+        """``[B, n_items - 1]`` merged BM25 scores of ``texts`` (``N`` per user, user-major) against the catalogue."""
+        queries = [tokenize(self.label_pattern.sub(" ", text) if self.label_pattern else text) for text in texts]
+        users, samples = log_probs.shape
+        bm25 = torch.from_numpy(self.bm25.scores(queries)).float().view(users, samples, -1)
+        self_scores = (torch.from_numpy(self.bm25.self_scores(queries)).float().view(users, samples)
+                       if self.self_normalise else None)
+        return quasi_round_robin_merge(bm25, log_probs, self.epsilon, self_scores)
 
     def predict(self, interaction):
-        """Scores of the given items (sampled-candidate evaluation) taken from the full ranking."""
-        return self.full_sort_predict(interaction).gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
+        """Scores of the given items (sampled-candidate evaluation), taken from one full ranking per distinct
+        history: the rows of one user's candidates are scored against the same generations."""
+        keys = torch.cat([interaction[self.ITEM_SEQ_LEN].unsqueeze(1), interaction[self.ITEM_SEQ]], dim=1)
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        rows = torch.arange(len(inverse), device=inverse.device)
+        first = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device).scatter_reduce(
+            0, inverse, rows, reduce="amin")
+        scores = self.full_sort_predict(interaction[first])
+        return scores[inverse, interaction[self.ITEM_ID]]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -432,6 +471,14 @@ def list_setting(config, key: str) -> list:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{key} must be a list, e.g. --{key}=[ml-1m]; got {config[key]!r}")
     return list(value)
+
+
+def first_item_text(text: str) -> str:
+    """A generated item text cut at the first line break or item prefix (a sample may run on into the next item)."""
+    text = text.split("\n", 1)[0]
+    for prefix in (NEXT_ITEM_PREFIX, FIRST_ITEM_PREFIX, USER_PREFIX):
+        text = text.split(prefix, 1)[0]
+    return text.strip()
 
 
 def calrec_stages(config) -> list[int]:

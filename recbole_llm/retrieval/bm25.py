@@ -13,6 +13,7 @@ with ``idf(v) = log(N - n_v + 0.5) - log(n_v + 0.5)``, negative values replaced 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,7 +39,8 @@ class BM25Index:
         doc_freq = np.diff(tf.indptr)  # documents containing each term (CSC column counts)
         idf = np.log(n_docs - doc_freq + 0.5) - np.log(doc_freq + 0.5)
         idf[idf < 0] = epsilon * idf.mean()
-        norm = k1 * (1 - b + b * doc_len / doc_len.mean())  # per document
+        self.avgdl = doc_len.mean()
+        norm = k1 * (1 - b + b * doc_len / self.avgdl)  # per document
         tf = tf.tocoo()
         weights = idf[tf.col] * tf.data * (k1 + 1) / (tf.data + norm[tf.row])
         # [n_docs, V], column-compressed so that a batch only touches the columns of its query terms
@@ -69,3 +71,19 @@ class BM25Index:
             return np.zeros((len(queries), self.weights.shape[0]))
         # sparse [n_docs, k] @ dense [k, n_queries]: memory grows with the batch's terms, not the vocabulary
         return np.asarray(self.weights[:, terms] @ counts[:, terms].toarray().T).T
+
+    def self_scores(self, queries: Sequence[Sequence[str]]) -> np.ndarray:
+        """BM25 of each query against itself as a document of this corpus: the score of a document that says exactly
+        what the query says. Query terms absent from the corpus count with the idf of a term no document has, so a
+        made-up word is evidence that no item explains. Dividing by it keeps absolute evidence, where min-max
+        normalisation stretches even a query that matches nothing but common words over [0, 1]."""
+        n_docs = self.weights.shape[0]
+        unseen_idf = np.log(n_docs + 0.5) - np.log(0.5)
+        out = np.zeros(len(queries))
+        for row, tokens in enumerate(queries):
+            norm = self.k1 * (1 - self.b + self.b * len(tokens) / self.avgdl)
+            for token, tf in Counter(tokens).items():
+                column = self.vocabulary.get(token)
+                idf = unseen_idf if column is None else self.idf[column]
+                out[row] += idf * tf * tf * (self.k1 + 1) / (tf + norm)
+        return out

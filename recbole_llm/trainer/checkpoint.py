@@ -29,15 +29,23 @@ OPTIMIZER = "optimizer.pt"
 FORMAT_VERSION = 1
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State to save: everything outside ``model.backbone_modules``, plus the trainable tensors inside them."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is: damaged, incomplete, or made from other inputs."""
+
+
+def _saved(model: torch.nn.Module):
+    """``(name, tensor)`` of the state a checkpoint holds: everything outside ``model.backbone_modules``, plus the
+    trainable tensors inside them."""
     prefixes = tuple(f"{name}." for name in getattr(model, "backbone_modules", ()))
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    return {
-        name: tensor.detach().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
-        for name, tensor in model.state_dict().items()
-        if not name.startswith(prefixes) or name in trainable
-    }
+    return ((name, tensor) for name, tensor in model.state_dict().items()
+            if not name.startswith(prefixes) or name in trainable)
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State to save (see :func:`_saved`), on the CPU."""
+    # clone: safetensors refuses shared storage
+    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in _saved(model)}
 
 
 def to_jsonable(value):
@@ -71,18 +79,35 @@ def read_meta(path) -> dict:
     meta_file = Path(path) / META
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a recbole_llm checkpoint (no {META}).")
-    return json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_file} is not valid JSON ({err}); the checkpoint is damaged.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+        raise CheckpointError(f"{meta_file} does not describe a recbole_llm checkpoint (no config mapping).")
+    return meta
 
 
 def load_weights(path, model: torch.nn.Module) -> None:
-    """Load a checkpoint's tensors into ``model``; every saved tensor must find its place."""
-    state = load_file(Path(path) / WEIGHTS, device="cpu")
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(
-            f"Checkpoint {path} does not match {type(model).__name__}: unexpected tensors "
-            f"{result.unexpected_keys[:5]}. Was it saved with a different model configuration?"
+    """Load a checkpoint's tensors into ``model``: every saved tensor must find its place, and every tensor the
+    model trains must be in the checkpoint (otherwise the model would silently keep untrained weights)."""
+    file = Path(path) / WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a recbole_llm checkpoint (no {WEIGHTS}).")
+    try:
+        state = load_file(file, device="cpu")
+    except Exception as err:  # safetensors raises its own error type for truncated or foreign files
+        raise CheckpointError(f"{file} cannot be read as safetensors ({err}); the checkpoint is damaged.") from None
+    missing = sorted({name for name, _ in _saved(model)} - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"Checkpoint {path} does not match {type(model).__name__}: "
+            + (f"missing tensors {missing[:5]} ({len(missing)} in all); " if missing else "")
+            + (f"unexpected tensors {unexpected[:5]}; " if unexpected else "")
+            + "was it saved by another model configuration, or damaged?"
         )
+    model.load_state_dict(state, strict=False)
 
 
 def load_optimizer(path, optimizer) -> bool:

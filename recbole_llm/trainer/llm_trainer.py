@@ -3,21 +3,24 @@
 RecBole's ``fit`` loop (validation, early stopping, logging) is kept as is; only its hooks are overridden:
 
 * ``_build_optimizer``: optimises trainable parameters only (LoRA adapters, heads), not the frozen backbone.
-* ``_train_epoch``: gradient accumulation, bf16 autocast on a GPU, clipping over trainable parameters,
+* ``_train_epoch``: gradient accumulation, bf16 autocast where the hardware has native bf16, clipping over trainable parameters,
   a progress bar with the running loss, and token throughput (``model.last_batch_tokens`` if the model sets it).
 * ``_save_checkpoint`` / ``evaluate``: checkpoints are safetensors directories holding only trainable weights
   (see :mod:`recbole_llm.trainer.checkpoint`); nothing is pickled.
 * resume: after every epoch the trainer writes ``<run dir>/last`` (weights, optimizer, progress); a rerun of the
   same configuration continues from it instead of retraining (``resume: False`` to start over).
 
-The run directory ``<checkpoint_dir>/<model>-<dataset>-<fingerprint>`` is keyed by the user's configuration, so
-different settings never share checkpoints.
+The run directory ``<checkpoint_dir>/<model>-<dataset>-<fingerprint>`` is keyed by the resolved configuration (every
+YAML layer), the data files' content and the recbole_llm version (:mod:`recbole_llm.trainer.fingerprint`), so a
+changed input never resumes or reuses another run's weights.
+
+Mixed precision: bf16 autocast on a CUDA GPU with bf16, and on a CPU with native bf16 instructions (AVX512-BF16 or
+AMX), when ``llm_dtype`` is ``auto`` (see :func:`recbole_llm.llm.backbone.autocast_dtype`); weights, gradients
+and optimizer state stay in the backbone's dtype (fp32 master weights). Evaluation runs under the same autocast.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from recbole.utils import set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
+from recbole_llm.llm.backbone import autocast_dtype
 from recbole_llm.trainer.checkpoint import (
     META,
     load_optimizer,
@@ -35,21 +39,7 @@ from recbole_llm.trainer.checkpoint import (
     save_checkpoint,
     to_jsonable,
 )
-
-# Keys that change how long or how verbosely a run goes, not what it computes.
-_VOLATILE_KEYS = {
-    "epochs", "eval_step", "stopping_step", "show_progress", "state", "checkpoint_dir", "gpu_id", "use_gpu",
-    "resume", "save_dataset", "save_dataloaders", "log_wandb", "wandb_project", "worker", "nproc",
-    "eval_batch_size", "data_path", "dataset_save_path", "dataloaders_save_path",
-}
-
-
-def run_fingerprint(config, ignore: tuple[str, ...] = ()) -> str:
-    """Short hash of everything the user set that shapes the trained weights (less the ``ignore`` keys)."""
-    skipped = _VOLATILE_KEYS.union(ignore)
-    external = {k: v for k, v in config.external_config_dict.items() if k not in skipped}
-    payload = {"model": config["model"], "dataset": config["dataset"], "config": to_jsonable(external)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+from recbole_llm.trainer.fingerprint import resolved_settings, run_fingerprint
 
 
 class LLMTrainer(Trainer):
@@ -63,8 +53,7 @@ class LLMTrainer(Trainer):
         self.run_dir = Path(self.checkpoint_dir) / f"{config['model']}-{config['dataset']}-{self.fingerprint}"
         self.saved_model_file = str(self.run_dir / "best")
         self.last_checkpoint = self.run_dir / "last"
-        use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.autocast_dtype = autocast_dtype(config["llm_dtype"] or "auto", self.device)
         self.train_tokens = 0
         self.train_seconds = 0.0
         self._validating = False
@@ -89,7 +78,7 @@ class LLMTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         for step, interaction in enumerate(progress):
             interaction = interaction.to(self.device)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with self.autocast():
                 losses = loss_func(interaction)
             loss = sum(losses) if isinstance(losses, tuple) else losses
             self._check_nan(loss)
@@ -110,6 +99,10 @@ class LLMTrainer(Trainer):
         self.train_seconds += time.perf_counter() - start
         return total_loss
 
+    def autocast(self):
+        """The mixed-precision context of training and evaluation (a no-op without an autocast dtype)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
     # ----------------------------------------------------------------------------------------- checkpoints
     def _meta(self, epoch: int, **extra) -> dict:
         import recbole
@@ -119,7 +112,8 @@ class LLMTrainer(Trainer):
         return {
             "model": self.config["model"],
             "dataset": self.config["dataset"],
-            "config": self.config.external_config_dict,
+            "config": to_jsonable(self.config.external_config_dict),
+            "resolved_config": resolved_settings(self.config),
             "fingerprint": self.fingerprint,
             "epoch": epoch,
             "cur_step": self.cur_step,
@@ -179,4 +173,5 @@ class LLMTrainer(Trainer):
             checkpoint = model_file or self.saved_model_file
             load_weights(checkpoint, self.model)
             self.logger.info(f"Loading trainable weights from {checkpoint}")
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        with self.autocast():
+            return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)

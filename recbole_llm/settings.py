@@ -1,0 +1,249 @@
+"""Every recbole_llm key (and the RecBole keys users most often mistype), checked in one place.
+
+A :class:`recbole_llm.Config` validates itself as soon as all its layers are merged, before any data or model
+loads, so a bad value fails in a second with a message naming the key, the value, what is allowed and how to fix
+it, instead of hours later inside torch or as a silently wrong run. Values arrive already typed: YAML files are
+typed by YAML, and ``config_dict`` / command-line strings are parsed by :func:`parse_value` (Python literals,
+then YAML for ``[...]`` / ``{...}``, never ``eval``), so the three sources give the same value.
+
+A model's own keys are declared here too, next to the shared ones: the schema is the contract that
+``properties/model/<Model>.yaml`` documents in words.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class SettingError(ValueError):
+    """A configuration value that recbole_llm refuses, with the key, the value, what is allowed and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def parse_value(text: str):
+    """A command-line / ``config_dict`` string as a typed value, without evaluating code.
+
+    Python literals (``0.001``, ``[1, 2]``, ``{'a': 1}``, ``None``, ``True``) first, as RecBole's ``eval`` read
+    them; then YAML for ``[...]`` and ``{...}`` (``[ml-1m]``, ``{Title: movie_title}``); ``true``/``false`` in any
+    case as booleans; anything else stays the string it is.
+    """
+    stripped = text.strip()
+    try:
+        return ast.literal_eval(stripped)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    if stripped.startswith(("[", "{")):
+        try:
+            return yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            return text
+    if stripped.lower() in ("true", "false"):
+        return stripped.lower() == "true"
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ schema
+@dataclass(frozen=True)
+class Setting:
+    """What one key accepts. ``check`` returns None when the (typed) value is fine, else the reason."""
+
+    allowed: str  # shown to the user: "an integer >= 1", "one of none | 8bit | 4bit"
+    check: Callable[[object], str | None]
+    nullable: bool = False
+    example: str = ""  # a valid command-line value, for the fix
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None if self.nullable else "it is empty"
+        return self.check(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer(minimum: int | None = None, nullable: bool = False) -> Setting:
+    def check(value):
+        if not _is_int(value):
+            return "it is not an integer"
+        if minimum is not None and value < minimum:
+            return f"it is below {minimum}"
+        return None
+
+    allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    return Setting(allowed, check, nullable, example=str(max(minimum or 0, 1)))
+
+
+def number(*, above: float | None = None, at_least: float | None = None, below: float | None = None,
+           example: str = "0.1") -> Setting:
+    def check(value):
+        if not _is_number(value):
+            return "it is not a number"
+        if above is not None and not value > above:
+            return f"it is not above {above}"
+        if at_least is not None and value < at_least:
+            return f"it is below {at_least}"
+        if below is not None and not value < below:
+            return f"it is not below {below}"
+        return None
+
+    bounds = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
+              f"< {below}" if below is not None else ""]
+    return Setting(" ".join(["a number", *filter(None, bounds)]), check, example=example)
+
+
+def boolean(nullable: bool = False) -> Setting:
+    return Setting("True or False" + (" or ~" if nullable else ""),
+                   lambda value: None if isinstance(value, bool) else "it is not True or False", nullable, "True")
+
+
+def choice(*options: str) -> Setting:
+    return Setting("one of " + " | ".join(options),
+                   lambda value: None if value in options else "it is not one of them", example=options[0])
+
+
+def text(nullable: bool = False, example: str = "name") -> Setting:
+    return Setting("a string" + (" or ~" if nullable else ""),
+                   lambda value: None if isinstance(value, str) and value.strip() else "it is not a non-empty string",
+                   nullable, example)
+
+
+def string_list(nullable: bool = False, non_empty: bool = False, example: str = "[a,b]",
+                items: Callable[[object], str | None] | None = None) -> Setting:
+    def check(value):
+        if not isinstance(value, (list, tuple)):
+            return "it is not a list"
+        if non_empty and not value:
+            return "it is empty"
+        for item in value:
+            reason = items(item) if items else (None if isinstance(item, str) else f"{item!r} is not a string")
+            if reason:
+                return reason
+        return None
+
+    return Setting("a list" + (" (not empty)" if non_empty else ""), check, nullable, example)
+
+
+def string_mapping(example: str) -> Setting:
+    def check(value):
+        if not isinstance(value, Mapping) or not value:
+            return "it is not a non-empty mapping"
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return "its labels and fields must be strings"
+        return None
+
+    return Setting("a mapping {label: field} or ~", check, nullable=True, example=example)
+
+
+def mapping(example: str) -> Setting:
+    return Setting("a mapping or ~", lambda value: None if isinstance(value, Mapping) else "it is not a mapping",
+                   nullable=True, example=example)
+
+
+def _stage(value) -> str | None:
+    return None if value in (1, 2) else f"{value!r} is not 1 or 2"
+
+
+# Keys of every model: RecBole's training keys users most often set by hand, and recbole_llm's shared keys.
+COMMON: dict[str, Setting] = {
+    "train_batch_size": integer(1),
+    "eval_batch_size": integer(1),
+    "learning_rate": number(above=0, example="0.0001"),
+    "weight_decay": number(at_least=0, example="0.0"),
+    "epochs": integer(0),
+    "eval_step": integer(0),
+    "stopping_step": integer(1),
+    "seed": integer(),
+    "MAX_ITEM_LIST_LENGTH": integer(1),
+    "load_col": mapping("{inter: [user_id, item_id, timestamp]}"),
+    # properties/overall.yaml
+    "llm_path": text(example="smollm2-135m"),
+    "llm_dtype": choice("auto", "fp32", "bf16", "fp16"),
+    "llm_quantization": choice("none", "8bit", "4bit"),
+    "llm_gradient_checkpointing": boolean(),
+    "llm_cache_dir": text(nullable=True, example="~/.cache/recbole_llm"),
+    "lora_r": integer(0),
+    "lora_alpha": number(above=0, example="16"),
+    "lora_dropout": number(at_least=0, below=1, example="0.05"),
+    "lora_target_modules": string_list(non_empty=True, example="[q_proj,v_proj]"),
+    "gradient_accumulation_steps": integer(1),
+    "resume": boolean(),
+    "item_text_fields": string_mapping("{Title: movie_title, Year: release_year}"),
+    "item_text_template": text(nullable=True, example="'{movie_title} ({release_year})'"),
+    "item_text_missing": Setting("a string", lambda v: None if isinstance(v, str) else "it is not a string",
+                                 example="unknown"),
+    "exclude_history": boolean(nullable=True),
+    "preset": text(nullable=True, example="cpu"),
+}
+
+# Each plugin model's own keys (properties/model/<Model>.yaml).
+MODEL_KEYS: dict[str, dict[str, Setting]] = {
+    "CALRec": {
+        "max_history_items": integer(1),
+        "max_prompt_tokens": integer(16),
+        "max_item_tokens": integer(1),
+        "train_targets_per_user": integer(0),
+        "train_max_samples": integer(0),
+        "calrec_alpha": number(example="0.125"),
+        "calrec_beta": number(example="-0.025"),
+        "contrastive_tau": number(above=0, example="0.5"),
+        "contrastive_symmetric": boolean(),
+        "contrastive": boolean(),
+        "calrec_stages": string_list(non_empty=True, example="[1,2]", items=_stage),
+        "stage1_steps": integer(1),
+        "stage1_power": number(at_least=0, example="0.3"),
+        "stage1_domain_field": text(nullable=True, example="class"),
+        "stage1_datasets": string_list(nullable=True, example="[ml-1m]"),
+        "num_samples": integer(1),
+        "temperature": number(at_least=0, example="0.5"),
+        "bm25_epsilon": number(at_least=0, example="0.0002"),
+        "bm25_index_labels": boolean(),
+        "bm25_normalization": choice("minmax", "self"),
+        "generation_batch_size": integer(1),
+    },
+}
+
+
+@dataclass
+class Problems:
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, key: str, value, reason: str, setting: Setting) -> None:
+        fix = f"--{key}={setting.example}" if setting.example else f"--{key}=..."
+        self.lines.append(f"{key}={value!r}: {reason}; allowed: {setting.allowed} (fix: e.g. {fix}, or the YAML key)")
+
+
+def schema_for(model: str) -> dict[str, Setting]:
+    return {**COMMON, **MODEL_KEYS.get(model, {})}
+
+
+def validate(values: Mapping, model: str) -> None:
+    """Raise :class:`SettingError` listing every key of ``values`` whose value the schema refuses."""
+    problems = Problems()
+    for key, setting in schema_for(model).items():
+        if key not in values:
+            continue
+        reason = setting.problem(values[key])
+        if reason:
+            problems.add(key, values[key], reason, setting)
+    if problems.lines:
+        raise SettingError(f"invalid setting{'s' if len(problems.lines) > 1 else ''} for {model}: "
+                           + "; ".join(problems.lines))
+
+
+def closest(name: str, known) -> str:
+    """' (did you mean X?)' for a near miss among ``known``, else ''."""
+    lowered = {k.lower(): k for k in known}
+    if name.lower() in lowered:
+        return f" (did you mean {lowered[name.lower()]}?)"
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {match[0]}?)" if match else ""

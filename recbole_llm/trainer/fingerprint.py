@@ -1,0 +1,84 @@
+"""Keys for everything recbole_llm caches or resumes: the resolved configuration, the data, the code version.
+
+A cached artifact (a Stage-I model, item descriptions, embeddings, semantic IDs) or a resumable run is reused only
+when all three match:
+
+* the *resolved* configuration: every YAML layer (RecBole's, ``properties/overall.yaml``, the model and dataset
+  files, a preset), the user's files, ``config_dict`` and the command line, as merged into the final config, less
+  the keys that cannot change what is computed (:data:`VOLATILE_KEYS`: paths, logging, progress bars, devices,
+  how many epochs a run may take);
+* the content of the dataset's atomic files (``<data_path>/<dataset>.*``), so the same name in another folder or
+  an ``.item`` file edited in place is a different input;
+* the recbole_llm version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from recbole_llm.trainer.checkpoint import to_jsonable
+
+# Keys that change where, how verbosely or how long a run goes, not what it computes. ``epochs`` is here on
+# purpose: a run with more epochs continues the shorter one's resume checkpoint.
+VOLATILE_KEYS = frozenset({
+    "epochs", "eval_step", "stopping_step", "show_progress", "state", "checkpoint_dir", "gpu_id", "use_gpu",
+    "device", "single_spec", "local_rank", "resume", "save_dataset", "save_dataloaders", "log_wandb",
+    "wandb_project", "worker", "nproc", "eval_batch_size", "data_path", "dataset_save_path",
+    "dataloaders_save_path", "llm_cache_dir", "preset", "metric_decimal_place", "loss_decimal_place",
+})
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, memoised per (path, size, mtime) within the process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def data_fingerprint(folder, dataset: str) -> dict[str, str]:
+    """``{file name: content digest}`` of the dataset's atomic files ``<folder>/<dataset>.*``."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob(f"{dataset}.*") if p.is_file())
+    return {p.name: file_digest(p) for p in files}
+
+
+def resolved_settings(config, ignore: Iterable[str] = ()) -> dict:
+    """The final merged configuration as JSON values, less :data:`VOLATILE_KEYS` and ``ignore``."""
+    skipped = VOLATILE_KEYS.union(ignore)
+    return {key: to_jsonable(value) for key, value in sorted(config.final_config_dict.items()) if key not in skipped}
+
+
+def input_datasets(config) -> dict[str, Path]:
+    """Datasets a model reads besides the run's own, as ``{name: folder}``: a model class declares them with a
+    static ``input_datasets(config)`` (CALRec's Stage-I datasets); most read none."""
+    from recbole_llm.registry import get_model
+
+    declared = getattr(get_model(config["model"]), "input_datasets", None)
+    return declared(config) if declared is not None else {}
+
+
+def run_fingerprint(config, ignore: Iterable[str] = ()) -> str:
+    """Short hash of the resolved configuration, the data files (the run's dataset and the model's
+    :func:`input_datasets`) and the package version."""
+    import recbole_llm
+
+    data = {config["dataset"]: data_fingerprint(config["data_path"], config["dataset"])}
+    for name, folder in input_datasets(config).items():
+        data[name] = data_fingerprint(folder, name)
+    payload = {
+        "settings": resolved_settings(config, ignore),
+        "data": data,
+        "recbole_llm": recbole_llm.__version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
