@@ -4,8 +4,10 @@
     python benchmarks/calrec_ml100k.py --preset=none    # the paper-like defaults (GPU)
 
 Every model runs through recbole_llm's pipeline on one protocol (leave-one-out by time, full ranking;
-Recall@1, Recall@10, NDCG@10, MRR@10). Ablations: CALRec without the contrastive terms (alpha = beta = 0),
-and Stage II only (no multi-domain Stage I). Writes a markdown report with the command, commit and machine, and
+Recall@1, Recall@10, NDCG@10, MRR@10; ``exclude_history`` resolved once and applied to every model, RecBole's
+sequential default unless ``--exclude_history`` is given). Ablations: CALRec without the contrastive terms
+(alpha = beta = 0), Stage II only (no multi-domain Stage I), and BM25 normalised by each sample's self-score
+instead of the paper's min-max. Writes a markdown report with the command, commit and machine, and
 appends every run's record to a JSON Lines file.
 """
 
@@ -27,6 +29,7 @@ CALREC_RUNS = [
     ("CALRec", {}),
     ("CALRec (no contrastive)", {"contrastive": False}),
     ("CALRec (Stage II only)", {"calrec_stages": [2]}),
+    ("CALRec (self-normalised BM25)", {"bm25_normalization": "self"}),
 ]
 PROTOCOL = {"metrics": ["Recall", "NDCG", "MRR"], "topk": [1, 10], "valid_metric": "NDCG@10"}
 
@@ -48,11 +51,15 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="cpu", help="properties/presets/<Model>-<preset>.yaml, or 'none'")
     parser.add_argument("--models", default=",".join(BASELINES), help="RecBole baselines to run")
     parser.add_argument("--skip_ablations", action="store_true")
+    parser.add_argument("--exclude_history", choices=["True", "False"], default=None,
+                        help="the protocol's history exclusion for every model (default: RecBole's for sequential)")
     parser.add_argument("--out", default="saved/benchmarks/calrec-ml-100k.md")
     parser.add_argument("--results", default="saved/benchmarks/calrec-ml-100k.jsonl")
     args = parser.parse_args(argv)
 
     common = {**PROTOCOL, "show_progress": False}
+    if args.exclude_history is not None:
+        common["exclude_history"] = args.exclude_history == "True"
     if args.preset != "none":
         common["preset"] = args.preset
     baselines = [m for m in args.models.split(",") if m]

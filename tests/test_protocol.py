@@ -1,0 +1,71 @@
+"""One evaluation protocol for every model of a comparison: split, metrics and history exclusion, recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from recbole_llm.cli import main
+from recbole_llm.quick_start import build_model_and_data, make_config
+
+
+def _flags(config: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in config.items()]
+
+
+def _excluded(config_dict, model, targets: dict | None = None) -> dict[str, set[str]]:
+    """{user token: item tokens excluded from that user's test ranking}, from the real test loader; ``targets``
+    collects each row's test target (user token -> item token)."""
+    config = make_config(model, "ml-tiny", config_dict=config_dict)
+    dataset, (_, _, test), _ = build_model_and_data(config)
+    token = lambda field, value: str(dataset.id2token(field, int(value)))  # noqa: E731
+    excluded = {}
+    for interaction, history, positive_u, positive_i in test:
+        users = interaction[dataset.uid_field]
+        if targets is not None:
+            targets.update({token(dataset.uid_field, users[u]): token(dataset.iid_field, i)
+                            for u, i in zip(positive_u, positive_i)})
+        if history is None:
+            return {}
+        for row, item in zip(*history):
+            excluded.setdefault(token(dataset.uid_field, users[row]), set()).add(token(dataset.iid_field, item))
+    return excluded
+
+
+def test_sequential_models_keep_history_by_default_as_in_recbole(base_config, small_sasrec):
+    assert _excluded({**base_config, **small_sasrec}, "SASRec") == {}
+
+
+def test_excluding_history_uses_the_whole_training_history_not_the_last_max_length_items(
+        base_config, small_sasrec, data_path):
+    targets = {}
+    excluded = _excluded({**base_config, **small_sasrec, "exclude_history": True}, "SASRec", targets)
+    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t", dtype=str)
+    longer = 0
+    for user, rows in inter.groupby("user_id:token"):
+        items = set(rows["item_id:token"])
+        assert excluded[user] == items - {targets[user]}  # every other item of the user: all came before
+        longer += len(items) - 1 > small_sasrec["MAX_ITEM_LIST_LENGTH"]
+    assert longer > 30  # most users have older items than the model's window
+
+
+def test_a_comparison_applies_one_history_setting_to_every_model_and_records_it(base_config, small_sasrec, capsys):
+    flags = _flags({**base_config, **small_sasrec})
+    assert main(["--model=Pop,SASRec", "--dataset=ml-tiny", "--results=kept.jsonl", "--table=kept.md", *flags]) == 0
+    records = [json.loads(line) for line in Path("kept.jsonl").read_text().splitlines()]
+    assert [r["protocol"]["exclude_history"] for r in records] == [False, False]  # Pop too, unlike RecBole's default
+    assert "history kept in the ranking" in Path("kept.md").read_text()
+
+    assert main(["--model=Pop,SASRec", "--dataset=ml-tiny", "--results=excluded.jsonl", "--table=excluded.md",
+                 "--exclude_history=True", *flags]) == 0
+    excluded = [json.loads(line) for line in Path("excluded.jsonl").read_text().splitlines()]
+    assert [r["protocol"]["exclude_history"] for r in excluded] == [True, True]
+    assert "history excluded in the ranking" in Path("excluded.md").read_text()
+    # excluding seen items can only help Pop, which otherwise ranks the user's own popular items first
+    assert excluded[0]["test_result"]["recall@10"] > records[0]["test_result"]["recall@10"]
+
+
+def test_a_general_model_alone_keeps_recboles_default_exclusion(base_config):
+    assert _excluded(base_config, "Pop")  # RecBole removes the training history of general models
