@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 from recbole.data.dataset import SequentialDataset
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType, set_color
@@ -306,13 +305,7 @@ class CALRec(SequentialRecommender):
         self.index_labels = bool(config["bm25_index_labels"])
         self.self_normalise = config["bm25_normalization"] == "self"
         self.generation_batch_size = int(config["generation_batch_size"])
-        if self.tau <= 0 or self.num_samples < 1 or self.generation_batch_size < 1:
-            raise ValueError(
-                "CALRec needs contrastive_tau > 0, num_samples >= 1 and generation_batch_size >= 1; got "
-                f"{self.tau}, {self.num_samples}, {self.generation_batch_size}"
-            )
-
-        calrec_stages(config), list_setting(config, "stage1_datasets")  # bad values fail before the backbone loads
+        # (every value was checked against recbole_llm.settings when the Config was built)
         self.llm, self.tokenizer = backbone_from_config(config)
         self.prompt = CALRecPrompt(
             self.tokenizer,
@@ -452,25 +445,17 @@ class CALRec(SequentialRecommender):
         """Scores of the given items (sampled-candidate evaluation), taken from one full ranking per distinct
         history: the rows of one user's candidates are scored against the same generations."""
         keys = torch.cat([interaction[self.ITEM_SEQ_LEN].unsqueeze(1), interaction[self.ITEM_SEQ]], dim=1)
-        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
-        rows = torch.arange(len(inverse), device=inverse.device)
-        first = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device).scatter_reduce(
-            0, inverse, rows, reduce="amin")
-        scores = self.full_sort_predict(interaction[first])
+        distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        # one row per distinct history (any of its rows: they share the history)
+        representative = inverse.new_empty(len(distinct)).scatter_(0, inverse, torch.arange(len(inverse)).to(inverse))
+        scores = self.full_sort_predict(interaction[representative])
         return scores[inverse, interaction[self.ITEM_ID]]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def list_setting(config, key: str) -> list:
-    """A list-valued key; a command-line string such as ``[ml-1m]`` is read as YAML."""
-    value = config[key]
-    if isinstance(value, str):
-        value = yaml.safe_load(value)
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{key} must be a list, e.g. --{key}=[ml-1m]; got {config[key]!r}")
-    return list(value)
+    """A list-valued key (parsed and checked by recbole_llm.settings); ``~`` is the empty list."""
+    return list(config[key] or [])
 
 
 def first_item_text(text: str) -> str:
@@ -482,10 +467,8 @@ def first_item_text(text: str) -> str:
 
 
 def calrec_stages(config) -> list[int]:
-    stages = [int(stage) for stage in list_setting(config, "calrec_stages")]
-    if not stages or set(stages) - {1, 2}:
-        raise ValueError(f"calrec_stages must be [1, 2], [1] or [2] (Stage I, Stage II); got {config['calrec_stages']!r}")
-    return stages
+    """The stages to run, e.g. ``[1, 2]`` (values checked by recbole_llm.settings)."""
+    return [int(stage) for stage in config["calrec_stages"]]
 
 
 def _split_rows(dataset):
