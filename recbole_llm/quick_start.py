@@ -24,7 +24,7 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import ModelType, init_logger, init_seed, set_color
 
-from recbole_llm.config import Config, properties_dir
+from recbole_llm.config import Config
 from recbole_llm.data.assets import ensure_dataset_files
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 from recbole_llm.protocol import apply_history_exclusion, protocol_of
