@@ -147,3 +147,21 @@ def test_malformed_checkpoint_json_names_its_path(checkpoint):
     (checkpoint / "recbole_llm.json").write_text('{"model": "ToyLLMRec", ')
     with pytest.raises(CheckpointError, match="recbole_llm.json is not valid JSON"):
         load_model(checkpoint, with_data=False)
+
+
+@pytest.mark.parametrize("native_bf16, expected", [("1", torch.bfloat16), ("0", None)])
+def test_the_trainer_trains_and_evaluates_under_bf16_autocast_where_the_cpu_has_it(
+        toy_config, monkeypatch, native_bf16, expected):
+    monkeypatch.setenv("RECBOLE_LLM_CPU_BF16", native_bf16)
+    config = make_config("ToyLLMRec", "ml-tiny", config_dict=toy_config)
+    train, _, test = data_preparation(config, create_dataset(config))
+    model = get_model("ToyLLMRec")(config, train._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "ToyLLMRec")(config, model)
+    seen = []
+    forward = model.head.forward
+    model.head.forward = lambda x: seen.append(forward(x).dtype) or forward(x)
+    trainer._train_epoch([next(iter(train))], 0)
+    trainer.evaluate(test, load_best_model=False)
+    assert trainer.autocast_dtype is expected
+    assert set(seen) == {expected or torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights

@@ -52,15 +52,18 @@ class ItemTextBuilder:
         """The item's text; ``values_only`` gives just its field values, space-separated (no labels, no template
         words), which is what a retrieval index should match on."""
         value = lambda name: (str(record.get(name, "") or "").strip() or self.missing)  # noqa: E731
-        names = self._template_fields() if self.template is not None else list(self.fields.values())
+        names = self._field_names()
         if values_only:
             return " ".join(value(name) for name in names)
         if self.template is not None:
             return self.template.format(**{name: value(name) for name in names})
         return self.separator.join(f"{label}: {value(name)}" for label, name in self.fields.items())
 
-    def _template_fields(self) -> list[str]:
-        return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+    def _field_names(self) -> list[str]:
+        """The item-file fields a text reads: the template's, else the values of ``fields``."""
+        if self.template is not None:
+            return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+        return list(self.fields.values())
 
     @property
     def labels(self) -> list[str]:
@@ -70,8 +73,7 @@ class ItemTextBuilder:
     def _check_fields(self, columns: Sequence[str], id_field: str, source: Path) -> None:
         if self.fields is None:
             self.fields = {name: name for name in columns if name != id_field}
-        wanted = self._template_fields() if self.template is not None else list(self.fields.values())
-        unknown = [name for name in wanted if name not in columns]
+        unknown = [name for name in self._field_names() if name not in columns]
         if unknown:
             raise KeyError(
                 f"item text fields {unknown} are not columns of {source} (columns: {list(columns)}). "
@@ -83,21 +85,27 @@ class ItemTextBuilder:
         self._check_fields(list(table.columns), id_field, Path("?"))
         return [self.render(record) for record in table.to_dict("records")]
 
-    def build_from_table(self, table: pd.DataFrame, id_field: str, item_tokens: Sequence[str], source=Path("?"),
-                         values_only: bool = False):
-        """Texts aligned with ``item_tokens`` (RecBole's internal id order); index 0 is the padding item.
+    def records_from_table(self, table: pd.DataFrame, id_field: str, item_tokens: Sequence[str],
+                           source=Path("?")) -> list[Mapping[str, str]]:
+        """The item-file row of each of ``item_tokens`` (RecBole's internal id order; ``{}`` where none).
 
         Logs a warning when many items have no text (no row in the item file, or every field empty)."""
         self._check_fields(list(table.columns), id_field, source)
         records = table.drop_duplicates(id_field).set_index(id_field).to_dict("index")
         rows = [records.get(str(token), {}) for token in item_tokens]
         self._warn_if_textless(rows[1:], source)
-        texts = [self.render(row, values_only) for row in rows]
-        texts[0] = ""
-        return texts
+        return rows
+
+    def texts(self, rows: Sequence[Mapping[str, str]], values_only: bool = False) -> list[str]:
+        """One text per row of :meth:`records`; index 0 (the padding item) is empty."""
+        return [""] + [self.render(row, values_only) for row in rows[1:]]
+
+    def build_from_table(self, table: pd.DataFrame, id_field: str, item_tokens: Sequence[str], source=Path("?")):
+        """Texts aligned with ``item_tokens`` (RecBole's internal id order); index 0 is the padding item."""
+        return self.texts(self.records_from_table(table, id_field, item_tokens, source))
 
     def _warn_if_textless(self, rows: list[Mapping[str, str]], source) -> None:
-        names = self._template_fields() if self.template is not None else list(self.fields.values())
+        names = self._field_names()
         empty = sum(1 for row in rows if not any(str(row.get(name, "") or "").strip() for name in names))
         if rows and empty / len(rows) > TEXTLESS_WARNING_SHARE:
             logger.warning(
@@ -106,16 +114,21 @@ class ItemTextBuilder:
                 "against the .inter file, or item_text_fields."
             )
 
-    def build(self, dataset, values_only: bool = False) -> list[str]:
-        """Texts for every internal item id of a RecBole ``Dataset`` (``texts[i]`` is item ``i``)."""
+    def records(self, dataset) -> list[Mapping[str, str]]:
+        """The item-file row of every internal item id of a RecBole ``Dataset`` (read once; render with
+        :meth:`texts`, in as many forms as needed)."""
         source = Path(dataset.dataset_path) / f"{dataset.dataset_name}.item"
-        item_tokens = dataset.field2id_token[dataset.iid_field]
         if not source.is_file():
             raise FileNotFoundError(
                 f"{dataset.dataset_name} has no item file ({source}); LLM recommenders need item text. "
                 "Add a RecBole .item atomic file with at least a title column."
             )
-        return self.build_from_table(read_item_table(source), dataset.iid_field, item_tokens, source, values_only)
+        return self.records_from_table(read_item_table(source), dataset.iid_field,
+                                       dataset.field2id_token[dataset.iid_field], source)
+
+    def build(self, dataset) -> list[str]:
+        """Texts for every internal item id of a RecBole ``Dataset`` (``texts[i]`` is item ``i``)."""
+        return self.texts(self.records(dataset))
 
     @classmethod
     def from_config(cls, config) -> "ItemTextBuilder":

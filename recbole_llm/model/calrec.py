@@ -314,9 +314,10 @@ class CALRec(SequentialRecommender):
             max_item_tokens=int(config["max_item_tokens"]),
         )
         text_builder = ItemTextBuilder.from_config(config)
-        self.item_texts = text_builder.build(dataset)
+        rows = text_builder.records(dataset)  # the .item file is read once for both renderings
+        self.item_texts = text_builder.texts(rows)
         self.item_tokens = self.prompt.encode_items(self.item_texts)
-        documents = self.item_texts if self.index_labels else text_builder.build(dataset, values_only=True)
+        documents = self.item_texts if self.index_labels else text_builder.texts(rows, values_only=True)
         # Labels are cut from generated texts too, so that "Title" in a sample never matches a title word.
         self.label_pattern = re.compile(
             r"\b(?:" + "|".join(map(re.escape, text_builder.labels)) + r")\s*:", re.IGNORECASE
