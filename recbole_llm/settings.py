@@ -153,6 +153,22 @@ def _stage(value) -> str | None:
     return None if value in (1, 2) else f"{value!r} is not 1 or 2"
 
 
+SEMCONV_TASKS = ("sequential", "text", "query", "negative")
+
+
+def _task_weights(value) -> str | None:
+    if not isinstance(value, Mapping):
+        return "it is not a mapping"
+    unknown = [key for key in value if key not in SEMCONV_TASKS]
+    if unknown:
+        return f"{unknown[0]!r} is not a task{closest(str(unknown[0]), SEMCONV_TASKS)}"
+    if not all(_is_number(w) and w >= 0 for w in value.values()):
+        return "every weight must be a number >= 0"
+    if not any(value.values()):
+        return "every weight is 0, so there is nothing to train on"
+    return None
+
+
 # Keys of every model: RecBole's training keys users most often set by hand, and recbole_llm's shared keys.
 COMMON: dict[str, Setting] = {
     "train_batch_size": integer(1),
@@ -208,6 +224,32 @@ MODEL_KEYS: dict[str, dict[str, Setting]] = {
         "bm25_epsilon": number(at_least=0, example="0.0002"),
         "bm25_index_labels": boolean(),
         "bm25_normalization": choice("minmax", "self"),
+        "generation_batch_size": integer(1),
+    },
+    "SemConv": {
+        "semconv_cf_model": text(example="LightGCN"),
+        "semconv_cf_table": text(example="item_embedding"),
+        "semconv_cf_epochs": integer(1),
+        "semconv_cf_settings": mapping("{embedding_size: 64}"),
+        "semconv_codes": choice("learned", "random"),
+        "semconv_levels": Setting("an integer from 1 to 26", lambda v: None if _is_int(v) and 1 <= v <= 26
+                                  else "it is not an integer from 1 to 26", example="4"),
+        "semconv_codebook_size": integer(2),
+        "semconv_rq_epochs": integer(1),
+        "semconv_rq_lr": number(above=0, example="0.001"),
+        "semconv_rq_beta": number(at_least=0, example="0.25"),
+        "semconv_rq_hidden": integer(1),
+        "semconv_rq_code_dim": integer(1),
+        "semconv_lambda_align": number(at_least=0, example="0.1"),
+        "semconv_align_tau": number(above=0, example="0.1"),
+        "semconv_task_weights": Setting(
+            f"a mapping of {' | '.join(SEMCONV_TASKS)} to weights >= 0", _task_weights, example="{sequential: 1.0}"),
+        "semconv_window_items": integer(2),
+        "semconv_window_context": integer(0),
+        "semconv_query_history": integer(0),
+        "max_history_items": integer(1),
+        "max_item_tokens": integer(1),
+        "semconv_beams": integer(1),
         "generation_batch_size": integer(1),
     },
 }

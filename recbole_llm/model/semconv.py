@@ -1,0 +1,478 @@
+r"""SemConv
+################################################
+
+Reference:
+    "Semantic Convergence: Harmonizing Recommender Systems via Two-Stage Alignment and Behavioral Semantic
+    Tokenization." AAAI 2025, arXiv:2412.13771 (Meituan). No official code; see
+    ../shared/METHODS.md §3 for the sources of each detail (LC-Rec's public code supplies the defaults where the
+    paper is silent).
+
+Items become short codes from cascaded residual codebooks over collaborative embeddings, aligned with the LLM's
+text space (stage 1, :mod:`recbole_llm.semantic_ids`); the code tokens join the LLM's vocabulary and four
+alignment tasks fine-tune it (stage 2); recommendation is beam search constrained to the catalogue's codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType, set_color
+from safetensors.torch import load_file, save_file
+
+from recbole_llm.collaborative import collaborative_item_embeddings
+from recbole_llm.data.assets import cache_root, write_dir_atomically
+from recbole_llm.data.item_text import ItemTextBuilder
+from recbole_llm.data.packing import pack_window, sequence_windows
+from recbole_llm.llm.backbone import backbone_from_config
+from recbole_llm.llm.generation import left_pad, pad_sequences
+from recbole_llm.llm.new_tokens import add_trainable_tokens
+from recbole_llm.llm.pooling import decoder_and_head, masked_mean
+from recbole_llm.registry import register_model
+from recbole_llm.settings import SEMCONV_TASKS as TASKS
+from recbole_llm.settings import SettingError
+from recbole_llm.semantic_ids.quantizer import (
+    CodebookStats,
+    ResidualCodebook,
+    learn_semantic_ids,
+    random_semantic_ids,
+)
+from recbole_llm.semantic_ids.tokens import CodeVocabulary, code_token_names
+from recbole_llm.semantic_ids.trie import CodeTrie, TrieConstrainedLogitsProcessor
+from recbole_llm.trainer.fingerprint import run_fingerprint
+from recbole_llm.trainer.llm_trainer import LLMTrainer
+
+logger = logging.getLogger(__name__)
+
+# Prompts in LC-Rec's wording (METHODS.md §3.3; the paper's own prompts were not found). The sequential task states
+# its instruction *before* the history, so that one causal pass over a user's items is every per-prefix example
+# at once (recbole_llm.data.packing); LC-Rec's instruction-after-history form cannot be packed.
+SEQUENTIAL_HEAD = "The user has interacted with the following items in chronological order:"
+TITLE_TO_CODE = 'Which item has the title: "{title}"? Item:'
+CODE_TO_TITLE = "What is the title of item {code}? Title:"
+QUERY = ("The user has interacted with items {history}. The user's preferences are: {query}. "
+         "Recommend an item that matches them. Item:")
+NEGATIVE = "The user has interacted with items {history}. Will the user interact with item {code} next? Answer:"
+
+# Keys that do not shape the semantic IDs: a codebook cache is shared across them (stage 2 and scoring keys).
+STAGE_TWO_KEYS = (
+    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "learner", "weight_decay",
+    "train_batch_size", "gradient_accumulation_steps", "clip_grad_norm", "llm_gradient_checkpointing",
+    "semconv_task_weights", "semconv_window_items", "semconv_window_context", "semconv_query_history",
+    "max_history_items", "max_item_tokens", "semconv_beams", "generation_batch_size", "exclude_history",
+    "metrics", "topk", "valid_metric", "valid_metric_bigger", "train_neg_sample_args", "MAX_ITEM_LIST_LENGTH",
+)
+
+
+# ------------------------------------------------------------------------------------------- semantic IDs
+def semantic_ids_dir(config) -> Path:
+    """Cache folder of this configuration's codes: keyed by every input that shapes them (not the stage-2 keys)."""
+    fingerprint = run_fingerprint(config, ignore=STAGE_TWO_KEYS)
+    return Path(config["llm_cache_dir"] or cache_root()) / "semantic_ids" / f"{config['dataset']}-{fingerprint}"
+
+
+@torch.no_grad()
+def text_embeddings(llm, tokenizer, texts: list[str], batch_size: int = 32, max_tokens: int = 64) -> torch.Tensor:
+    """Mean-pooled last hidden states of the backbone over each text (METHODS.md §3.2 h^LLM), ``[N, H]``."""
+    decoder, _ = decoder_and_head(llm)
+    device = next(llm.parameters()).device
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start: start + batch_size], add_special_tokens=False, truncation=True,
+                            max_length=max_tokens).input_ids
+        ids, mask = pad_sequences([e or [tokenizer.eos_token_id] for e in encoded], tokenizer.pad_token_id,
+                                  device=device)
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows.append(masked_mean(hidden, mask).float().cpu())
+    return torch.cat(rows)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+@dataclass
+class TokenBatch:
+    """Right-padded examples; ``targets`` marks the tokens predicted with loss."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def build(cls, examples: list[tuple[list[int], list[int]]], pad: int, device=None) -> "TokenBatch":
+        ids, mask = pad_sequences([tokens for tokens, _ in examples], pad, device=device)
+        targets, _ = pad_sequences([t for _, t in examples], 0, device=device)
+        return cls(ids, mask, targets)
+
+    def to(self, device):
+        return TokenBatch(self.ids.to(device), self.mask.to(device), self.targets.to(device))
+
+
+class ExampleBatches:
+    """One epoch of alignment examples as batches (a list-like for the trainer), lengths bucketed to save padding."""
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, pad: int, seed: int):
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(examples))
+        bucket = batch_size * 32
+        batches = []
+        for start in range(0, len(order), bucket):
+            chunk = sorted(order[start: start + bucket], key=lambda i: len(examples[i][0]))
+            batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+        self.batches = [batches[i] for i in rng.permutation(len(batches))]
+        self.examples, self.pad = examples, pad
+        self.counts: dict[str, int] = {}
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for rows in self.batches:
+            yield TokenBatch.build([self.examples[i] for i in rows], self.pad)
+
+
+class AlignmentTasks:
+    """Builds the four alignment tasks' examples (METHODS.md §3.3) from users' training sequences.
+
+    Sizes per epoch are relative to the number of sequential targets T (every training item after a user's
+    first): the sequential task uses the share ``weights["sequential"]`` of its windows; every other task t has
+    ``round(weights[t] * T)`` examples.
+    """
+
+    def __init__(self, model: "SemConv", sequences: list[list[int]], weights: dict, seed: int):
+        self.model, self.sequences, self.weights, self.seed = model, sequences, weights, seed
+        self.windows = [(user, w) for user, seq in enumerate(sequences)
+                        for w in sequence_windows(len(seq), model.window_items, model.window_context)]
+        self.positions = np.array([(user, p) for user, seq in enumerate(sequences) for p in range(1, len(seq))])
+        self.n_targets = len(self.positions)
+
+    def examples(self, epoch: int) -> tuple[list, dict[str, int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        out, counts = [], {}
+        for task in TASKS:
+            weight = float(self.weights.get(task, 0.0))
+            if weight <= 0:
+                continue
+            made = getattr(self, f"_{task}")(rng, weight)
+            counts[task] = len(made)
+            out += made
+        return out, counts
+
+    def _sequential(self, rng, weight):
+        n = min(len(self.windows), round(weight * len(self.windows)))
+        chosen = rng.choice(len(self.windows), size=n, replace=False) if n < len(self.windows) else range(n)
+        codes = self.model.code_tokens
+        return [pack_window(self.model.sequential_head, [codes[i] for i in self.sequences[user]], window)
+                for user, window in (self.windows[c] for c in chosen)]
+
+    def _sample_positions(self, rng, weight):
+        n = round(weight * self.n_targets)
+        return self.positions[rng.integers(0, len(self.positions), size=n)] if n else []
+
+    def _text(self, rng, weight):
+        n = round(weight * self.n_targets)
+        items = rng.integers(1, self.model.n_items, size=n)
+        directions = rng.integers(0, 2, size=n)
+        return [self.model.text_example(int(item), bool(d)) for item, d in zip(items, directions)]
+
+    def _query(self, rng, weight):
+        return [self.model.query_example(self.sequences[u][:p], self.sequences[u][p])
+                for u, p in self._sample_positions(rng, weight)]
+
+    def _negative(self, rng, weight):
+        made = []
+        for u, p in self._sample_positions(rng, weight):
+            sequence = self.sequences[u]
+            if rng.random() < 0.5:
+                made.append(self.model.negative_example(sequence[:p], sequence[p], True))
+                continue
+            seen = set(sequence)
+            negative = int(rng.integers(1, self.model.n_items))
+            while negative in seen:
+                negative = int(rng.integers(1, self.model.n_items))
+            made.append(self.model.negative_example(sequence[:p], negative, False))
+        return made
+
+
+def training_sequences(dataset) -> list[list[int]]:
+    """Each user's whole training sequence from RecBole's augmented training split (rows are every prefix ->
+    next item, grouped by user in time order): the first row's first item, then every row's target."""
+    inter = dataset.inter_feat
+    users = inter[dataset.uid_field].numpy()
+    targets = inter[dataset.iid_field].numpy()
+    first_items = inter[dataset.item_id_list_field][:, 0].numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    return [[int(first_items[s])] + targets[s:e].tolist() for s, e in zip(starts, ends)]
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class SemConvTrainer(LLMTrainer):
+    """LLMTrainer whose epochs are the four alignment tasks' examples instead of RecBole's prefix rows."""
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        batches = self.model.epoch_batches(train_data.dataset, epoch_idx)
+        self.logger.info(set_color("SemConv tasks", "blue") + f": {batches.counts} examples, {len(batches)} batches")
+        return super()._train_epoch(batches, epoch_idx, loss_func=self.model.batch_loss, show_progress=show_progress)
+
+
+# ------------------------------------------------------------------------------------------------- model
+@register_model(trainer=SemConvTrainer)
+class SemConv(SequentialRecommender):
+    r"""Semantic Convergence: an LLM that reads and writes items as residual-codebook codes.
+
+    Stage 1 (alignment tokenization): collaborative item embeddings (RecBole's LightGCN on the training split,
+    standing in for the paper's DCCF) are quantized by L cascaded codebooks of C codes into unique codes,
+    with an alignment term towards the LLM's text embeddings (:mod:`recbole_llm.semantic_ids.quantizer`).
+    Stage 2: L x C code tokens join the vocabulary (only their rows train, beside LoRA), and the LLM is tuned
+    on four tasks, loss on responses only: sequential (history codes -> next code, packed windows), text
+    (title <-> code), query (preference text -> code), negative sampling (will the user take this item? Yes/No).
+    Scoring: beam search constrained by the prefix trie of the catalogue's codes; the top-B items score their
+    beam log-probabilities, every other item -inf.
+
+    NOTE: the paper's DCCF is not in RecBole (any RecBole model with an item embedding table works); its
+    alignment loss, prompts and negative-sampling format were not published; the choices here are marked in
+    properties/model/SemConv.yaml. The paper's per-user top-K cache is :mod:`recbole_llm.serving`.
+    """
+
+    input_type = InputType.POINTWISE
+    backbone_modules = ("llm",)
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.levels = int(config["semconv_levels"])
+        self.codebook_size = int(config["semconv_codebook_size"])
+        self.task_weights = dict(config["semconv_task_weights"])
+        self.window_items = int(config["semconv_window_items"])
+        self.window_context = int(config["semconv_window_context"])
+        self.query_history = int(config["semconv_query_history"])
+        self.max_history_items = min(int(config["max_history_items"]), self.max_seq_length)
+        self.max_item_tokens = int(config["max_item_tokens"])
+        self.beams = int(config["semconv_beams"])
+        self.generation_batch_size = int(config["generation_batch_size"])
+        self.train_batch_size = int(config["train_batch_size"])
+        self.seed = int(config["seed"] or 0)
+        if self.window_context >= self.window_items:
+            raise SettingError(
+                f"semconv_window_context={self.window_context} must be below semconv_window_items={self.window_items} "
+                "(a window repeats that many items as context); e.g. --semconv_window_context=5"
+            )
+        # (every value was checked against recbole_llm.settings when the Config was built)
+        self.llm, self.tokenizer = backbone_from_config(config)
+        text_builder = ItemTextBuilder.from_config(config)
+        rows = text_builder.records(dataset)
+        self.item_texts = text_builder.texts(rows)
+        fields = dict(config["item_text_fields"] or {})
+        title = dict(list(fields.items())[:1]) or None
+        self.titles = ItemTextBuilder(fields=title, template="{%s}" % next(iter(title.values()))).texts(rows) \
+            if title else self.item_texts
+        rest = dict(list(fields.items())[1:])
+        self.queries = ItemTextBuilder(fields=rest).texts(rows) if rest else self.item_texts
+
+        codes, self.codebook, self.codebook_stats = self._semantic_ids(config, dataset)
+        self.register_buffer("item_codes", codes)  # [n_items, L]; row 0 (padding item) is -1
+        ids = add_trainable_tokens(self.llm, self.tokenizer, code_token_names(self.levels, self.codebook_size),
+                                   seed=self.seed)
+        self.vocabulary = CodeVocabulary(ids, self.levels, self.codebook_size, len(self.tokenizer))
+        self.trie = CodeTrie(codes[1:], self.codebook_size)
+        self._prepare_tokens()
+        self.last_batch_tokens = 0
+
+    # ------------------------------------------------------------------------------------ stage 1: codes
+    def _semantic_ids(self, config, dataset):
+        """``(codes [n_items, L], codebook module or None, stats)``, from the cache when its inputs match."""
+        folder = semantic_ids_dir(config)
+        learned = config["semconv_codes"] == "learned"
+        if not (folder / "codes.safetensors").is_file():
+            write_dir_atomically(folder, lambda tmp: self._compute_semantic_ids(config, dataset, tmp), overwrite=True)
+        stats = json.loads((folder / "stats.json").read_text())
+        tensors = load_file(folder / "codes.safetensors")
+        codebook = None
+        if learned:
+            codebook = ResidualCodebook(**stats.pop("module"))
+            codebook.load_state_dict({k[len("codebook."):]: v for k, v in tensors.items() if k.startswith("codebook.")})
+            codebook.eval().requires_grad_(False)
+        stats = CodebookStats(**stats["codebook"])
+        logger.info(set_color("Semantic IDs", "blue") + f" ({folder.name}): collision rate before resolution "
+                    f"{stats.collision_rate:.3f}, {stats.reassigned} re-assigned, usage per level "
+                    f"{[round(u, 3) for u in stats.usage]}, perplexity {[round(p, 1) for p in stats.perplexity]}, "
+                    f"reconstruction error {stats.reconstruction_error:.4f}")
+        return tensors["codes"].long(), codebook, stats
+
+    def _compute_semantic_ids(self, config, dataset, folder: Path) -> None:
+        n_items = dataset.item_num
+        codes = torch.full((n_items, self.levels), -1, dtype=torch.long)
+        if config["semconv_codes"] == "random":
+            codes[1:], stats = random_semantic_ids(n_items - 1, levels=self.levels, codebook_size=self.codebook_size,
+                                                   seed=self.seed)
+            save_file({"codes": codes}, folder / "codes.safetensors")
+            (folder / "stats.json").write_text(json.dumps({"codebook": stats.to_dict()}, indent=2))
+            return
+        items = collaborative_item_embeddings(
+            config, dataset, model=config["semconv_cf_model"], table=config["semconv_cf_table"],
+            epochs=int(config["semconv_cf_epochs"]), settings=dict(config["semconv_cf_settings"] or {}),
+        )[1:]
+        lambda_align = float(config["semconv_lambda_align"])
+        text = None
+        if lambda_align > 0:
+            text = text_embeddings(self.llm, self.tokenizer, self.item_texts[1:])
+        hidden = int(config["semconv_rq_hidden"])
+        code_dim = int(config["semconv_rq_code_dim"])
+        codes[1:], stats, codebook = learn_semantic_ids(
+            items, text, levels=self.levels, codebook_size=self.codebook_size, epochs=int(config["semconv_rq_epochs"]),
+            lambda_align=lambda_align, seed=self.seed, lr=float(config["semconv_rq_lr"]),
+            beta=float(config["semconv_rq_beta"]), tau=float(config["semconv_align_tau"]), hidden=hidden,
+            code_dim=code_dim, progress=bool(config["show_progress"]),
+        )
+        module = dict(input_dim=items.shape[1], levels=self.levels, codebook_size=self.codebook_size,
+                      code_dim=code_dim, hidden=hidden, text_dim=text.shape[1] if text is not None else None)
+        state = {f"codebook.{k}": v.detach().contiguous() for k, v in codebook.state_dict().items()}
+        save_file({"codes": codes, **state}, folder / "codes.safetensors")
+        (folder / "stats.json").write_text(json.dumps({"codebook": stats.to_dict(), "module": module}, indent=2))
+
+    # --------------------------------------------------------------------------------- stage 2: prompts
+    def _prepare_tokens(self) -> None:
+        """Token lists of every prompt piece and item (a prompt is a concatenation: no tokenizer calls per batch)."""
+        encode = lambda text: self.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        token_rows = self.vocabulary.tokens(self.item_codes[1:].cpu())
+        self.code_tokens = [[]] + token_rows.tolist()  # index = item id
+        self.sequential_head = encode(SEQUENTIAL_HEAD)
+        self.title_tokens = [encode(" " + t)[: self.max_item_tokens] if t else [] for t in self.titles]
+        self.query_tokens = [encode(" " + t)[: self.max_item_tokens] if t else [] for t in self.queries]
+
+        def split(template: str) -> list[list[int]]:  # the template's text pieces around its {slots}
+            parts = re.split(r"\{(\w+)\}", template)  # text, slot, text, slot, ..., text
+            texts, slots = parts[0::2], parts[1::2]
+            # title and query slots carry their own leading space (" Toy Story"), code slots none
+            return [encode(text.rstrip(" ") if i < len(slots) and slots[i] in ("title", "query") else text)
+                    for i, text in enumerate(texts)]
+
+        self.pieces = {name: split(template) for name, template in (
+            ("title_to_code", TITLE_TO_CODE), ("code_to_title", CODE_TO_TITLE), ("query", QUERY),
+            ("negative", NEGATIVE))}
+        self.answers = {True: encode(" Yes"), False: encode(" No")}
+
+    def _history_tokens(self, history: list[int]) -> list[int]:
+        return [token for item in history for token in self.code_tokens[item]]
+
+    def _fill(self, name: str, *slots: list[int]) -> list[int]:
+        pieces = self.pieces[name]
+        tokens = list(pieces[0])
+        for slot, piece in zip(slots, pieces[1:]):
+            tokens += slot + piece
+        return tokens
+
+    @staticmethod
+    def _example(prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
+        return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+    def text_example(self, item: int, title_to_code: bool):
+        if title_to_code:
+            return self._example(self._fill("title_to_code", self.title_tokens[item]), self.code_tokens[item])
+        return self._example(self._fill("code_to_title", self.code_tokens[item]), self.title_tokens[item] + [self.eos])
+
+    def query_example(self, history: list[int], target: int):
+        recent = self._history_tokens(history[-self.query_history:])
+        return self._example(self._fill("query", recent, self.query_tokens[target]), self.code_tokens[target])
+
+    def negative_example(self, history: list[int], item: int, positive: bool):
+        recent = self._history_tokens(history[-self.query_history:])
+        return self._example(self._fill("negative", recent, self.code_tokens[item]), self.answers[positive] + [self.eos])
+
+    def sequential_prompt(self, history: list[int]) -> list[int]:
+        """The scoring prompt: the sequential head and the codes of the last ``max_history_items`` items."""
+        return self.sequential_head + self._history_tokens(history[-self.max_history_items:])
+
+    # -------------------------------------------------------------------------------------------- training
+    def epoch_batches(self, train_dataset, epoch: int) -> ExampleBatches:
+        if getattr(self, "_tasks", None) is None or self._tasks_source is not train_dataset:
+            self._tasks = AlignmentTasks(self, training_sequences(train_dataset), self.task_weights, self.seed)
+            self._tasks_source = train_dataset
+        examples, counts = self._tasks.examples(epoch)
+        if not examples:
+            raise ValueError("semconv_task_weights give no training examples; set a positive weight for a task")
+        batches = ExampleBatches(examples, self.train_batch_size, self.pad, seed=self.seed + epoch)
+        batches.counts = counts
+        return batches
+
+    def batch_loss(self, batch: TokenBatch) -> torch.Tensor:
+        """Mean token cross-entropy over the response tokens (``targets``) of a batch."""
+        decoder, lm_head = decoder_and_head(self.llm)
+        hidden = decoder(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+        predicts = batch.targets[:, 1:].bool()  # position t predicts token t + 1
+        logits = lm_head(hidden[:, :-1][predicts])
+        self.last_batch_tokens = int(batch.mask.sum())
+        return F.cross_entropy(logits.float(), batch.ids[:, 1:][predicts])
+
+    def token_losses(self, batch: TokenBatch) -> torch.Tensor:
+        """Per-target-token cross-entropy (flattened, in order), for tests and diagnostics."""
+        decoder, lm_head = decoder_and_head(self.llm)
+        hidden = decoder(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+        predicts = batch.targets[:, 1:].bool()
+        return F.cross_entropy(lm_head(hidden[:, :-1][predicts]).float(), batch.ids[:, 1:][predicts], reduction="none")
+
+    def calculate_loss(self, interaction):
+        """Per-prefix loss of RecBole's training rows (the trainer uses the packed tasks; this serves RecBole's API)."""
+        examples = [self._example(self.sequential_prompt(h), self.code_tokens[t])
+                    for h, t in zip(self._histories(interaction), interaction[self.POS_ITEM_ID].tolist())]
+        return self.batch_loss(TokenBatch.build(examples, self.pad, self.device))
+
+    # --------------------------------------------------------------------------------------------- scoring
+    def _histories(self, interaction) -> list[list[int]]:
+        lengths = interaction[self.ITEM_SEQ_LEN].tolist()
+        return [seq[:n] for seq, n in zip(interaction[self.ITEM_SEQ].tolist(), lengths)]
+
+    def generation_config(self):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(num_beams=self.beams, num_return_sequences=self.beams, do_sample=False,
+                                max_new_tokens=self.levels, early_stopping=True, length_penalty=0.0,
+                                pad_token_id=self.pad, eos_token_id=self.eos, bos_token_id=None,
+                                return_dict_in_generate=True, output_scores=True)
+
+    @torch.no_grad()
+    def beam_search(self, histories: list[list[int]], constrained: bool = True):
+        """Top ``semconv_beams`` codes per history: ``(item ids [B, beams], log-probabilities [B, beams])``.
+        Item id -1 marks a code that is no item (only possible with ``constrained=False``)."""
+        ids, mask = left_pad([self.sequential_prompt(h) for h in histories], self.pad, self.device)
+        processors = []
+        if constrained:
+            self.trie.to(self.device)
+            self.vocabulary.to(self.device)
+            processors.append(TrieConstrainedLogitsProcessor(self.trie, self.vocabulary.level_tokens,
+                                                             self.vocabulary.code_of_token, ids.shape[1], self.eos))
+        from transformers import LogitsProcessorList
+
+        out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=self.generation_config(),
+                                logits_processor=LogitsProcessorList(processors))
+        generated = out.sequences[:, ids.shape[1]: ids.shape[1] + self.levels]
+        codes = self.vocabulary.to(self.device).codes(generated)
+        items = torch.full((len(codes),), -1, dtype=torch.long, device=self.device)
+        complete = (codes >= 0).all(1) & (generated.shape[1] == self.levels)
+        if complete.any():
+            items[complete] = self.trie.to(self.device).items(codes[complete])
+        items = torch.where(items >= 0, items + 1, -1)  # trie rows are items 1..n-1
+        scores = out.sequences_scores.float()
+        return items.view(len(histories), -1), scores.view(len(histories), -1)
+
+    def full_sort_predict(self, interaction):
+        """``[B, n_items]``: beam log-probabilities of the top ``semconv_beams`` items, -inf elsewhere."""
+        histories = self._histories(interaction)
+        scores = torch.full((len(histories), self.n_items), float("-inf"), device=self.device)
+        for start in range(0, len(histories), self.generation_batch_size):
+            items, log_probs = self.beam_search(histories[start: start + self.generation_batch_size])
+            rows = torch.arange(len(items), device=self.device).unsqueeze(1).expand_as(items) + start
+            valid = (items > 0) & torch.isfinite(log_probs)
+            scores.index_put_((rows[valid], items[valid]), log_probs[valid], accumulate=False)
+        return scores
+
+    def predict(self, interaction):
+        """Scores of the given items, read from each row's full ranking (-inf outside its beams)."""
+        return self.full_sort_predict(interaction)[torch.arange(len(interaction), device=self.device),
+                                                   interaction[self.ITEM_ID]]

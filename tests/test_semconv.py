@@ -1,0 +1,290 @@
+"""SemConv on the tiny backbone: semantic-ID cache, code tokens, the four task builders, packed = per-prefix loss,
+constrained beam search, the oracle through RecBole's evaluator, a learning test, a full run and the checkpoint
+round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recbole_llm.data.packing import pack_window, prefix_example, sequence_windows
+from recbole_llm.model.semconv import SemConvTrainer, TokenBatch, semantic_ids_dir, training_sequences
+from recbole_llm.quick_start import build_model_and_data, load_model, make_config, run_recbole_llm
+from recbole_llm.settings import SettingError
+
+from oracle import evaluate_with_recbole, history_key, targets_by_history
+
+
+@pytest.fixture
+def semconv_config(base_config) -> dict:
+    return {
+        **base_config,
+        "llm_path": "tiny-random",
+        "llm_dtype": "fp32",
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "semconv_codebook_size": 16,
+        "semconv_cf_epochs": 2,
+        "semconv_rq_epochs": 20,
+        "semconv_beams": 5,
+        "semconv_task_weights": {"sequential": 1.0, "text": 0.05, "query": 0.02, "negative": 0.02},
+        "train_batch_size": 16,
+        "eval_batch_size": 64,
+        "eval_step": 0,
+        "item_text_fields": {"Title": "movie_title", "Genres": "class", "Year": "release_year"},
+    }
+
+
+def build_semconv(config_dict: dict, dataset: str = "ml-tiny"):
+    config = make_config("SemConv", dataset, config_dict=config_dict)
+    _, loaders, model = build_model_and_data(config)
+    return config, model, loaders
+
+
+# --------------------------------------------------------------------------------------- stage 1 and cache
+def test_items_get_unique_codes_cached_by_every_input_that_shapes_them(semconv_config, data_path):
+    config, model, _ = build_semconv(semconv_config)
+    codes = model.item_codes
+    assert codes.shape == (model.n_items, 4) and (codes[0] == -1).all()
+    assert len(torch.unique(codes[1:], dim=0)) == model.n_items - 1 and codes[1:].max() < 16
+    folder = semantic_ids_dir(config)
+    stamp = (folder / "codes.safetensors").stat().st_mtime_ns
+    stats = model.codebook_stats
+    assert stats.items == model.n_items - 1 and len(stats.usage) == 4 and stats.reconstruction_error > 0
+    # the model's codes are the cached ones, and its codebook module gives them (up to the re-assigned items)
+    assert torch.equal(load_file(folder / "codes.safetensors")["codes"], codes)
+    assert model.codebook is not None
+
+    # stage-2 keys share the cache; every stage-1 input makes a new one
+    same = make_config("SemConv", "ml-tiny", config_dict={**semconv_config, "lora_r": 4, "semconv_beams": 3})
+    assert semantic_ids_dir(same) == folder
+    for change in ({"semconv_codebook_size": 32}, {"semconv_lambda_align": 0.0}, {"semconv_cf_epochs": 3},
+                   {"item_text_fields": {"Title": "movie_title"}}, {"semconv_codes": "random"}):
+        assert semantic_ids_dir(make_config("SemConv", "ml-tiny", config_dict={**semconv_config, **change})) != folder
+    build_semconv(semconv_config)
+    assert (folder / "codes.safetensors").stat().st_mtime_ns == stamp  # reused, not recomputed
+
+
+def test_edited_item_data_never_reuses_cached_codes(semconv_config, tmp_path, data_path):
+    copy = tmp_path / "copy"
+    (copy / "ml-tiny").mkdir(parents=True)
+    for f in (data_path / "ml-tiny").iterdir():
+        (copy / "ml-tiny" / f.name).write_bytes(f.read_bytes())
+    settings = {**semconv_config, "data_path": str(copy)}
+    before = semantic_ids_dir(make_config("SemConv", "ml-tiny", config_dict=settings))
+    item = copy / "ml-tiny" / "ml-tiny.item"
+    item.write_text(item.read_text().replace("Toy Story", "Toy Story II"))
+    assert semantic_ids_dir(make_config("SemConv", "ml-tiny", config_dict=settings)) != before
+
+
+def test_random_codes_ablation_needs_no_collaborative_model(semconv_config):
+    _, model, _ = build_semconv({**semconv_config, "semconv_codes": "random"})
+    assert model.codebook is None and len(torch.unique(model.item_codes[1:], dim=0)) == model.n_items - 1
+
+
+def test_window_context_must_be_below_the_window(semconv_config):
+    with pytest.raises(SettingError, match="semconv_window_context=5 must be below semconv_window_items=5"):
+        build_semconv({**semconv_config, "semconv_window_items": 5, "semconv_window_context": 5})
+
+
+# ------------------------------------------------------------------------------------------- code tokens
+def test_code_tokens_join_the_vocabulary_and_only_their_rows_train_beside_lora(semconv_config):
+    _, model, _ = build_semconv(semconv_config)
+    tokens = model.tokenizer.convert_ids_to_tokens(model.code_tokens[1])
+    code = model.item_codes[1].tolist()
+    assert tokens == [f"<{'abcd'[level]}_{code[level]}>" for level in range(4)]
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or name.endswith("embed_tokens.new_rows") for name in trainable)
+    new_rows = dict(model.named_parameters())["llm.base_model.model.model.embed_tokens.new_rows"]
+    assert new_rows.shape == (4 * 16, model.llm.config.hidden_size)
+    prompt = model.tokenizer.decode(model.sequential_prompt([1, 2]))
+    assert prompt.endswith("".join(model.tokenizer.convert_ids_to_tokens(model.code_tokens[2])))
+
+
+# ------------------------------------------------------------------------------------------------- tasks
+def test_four_task_builders_write_the_prompts_with_loss_on_the_response_only(semconv_config):
+    _, model, (train, _, _) = build_semconv(semconv_config)
+    decode = model.tokenizer.decode
+    toy = model.titles.index("Toy Story")
+    tokens, targets = model.text_example(toy, title_to_code=True)
+    answer = len(model.code_tokens[toy])
+    assert decode(tokens[:-answer]) == 'Which item has the title: " Toy Story"? Item:'
+    assert tokens[-answer:] == model.code_tokens[toy] and targets == [0] * (len(tokens) - answer) + [1] * answer
+    tokens, targets = model.text_example(toy, title_to_code=False)
+    assert decode([t for t, m in zip(tokens, targets) if m]) == " Toy Story" + model.tokenizer.eos_token
+    tokens, targets = model.query_example([5, 6], toy)
+    assert "preferences are: Genres: Animation Children's Comedy, Year: 1995." in decode(tokens)
+    assert [t for t, m in zip(tokens, targets) if m] == model.code_tokens[toy]
+    tokens, targets = model.negative_example([5], toy, positive=False)
+    assert decode([t for t, m in zip(tokens, targets) if m]).strip().startswith("No")
+
+
+def test_an_epoch_mixes_the_tasks_by_weight_and_trains_every_sequential_target_once(semconv_config):
+    _, model, (train, _, _) = build_semconv(semconv_config)
+    sequences = training_sequences(train.dataset)
+    assert len(sequences) == 60 and sum(len(s) - 1 for s in sequences) == train.dataset.inter_num
+    batches = model.epoch_batches(train.dataset, epoch=0)
+    n_targets = train.dataset.inter_num
+    assert batches.counts["text"] == round(0.05 * n_targets) and batches.counts["query"] == round(0.02 * n_targets)
+    windows = model._tasks.windows
+    assert batches.counts["sequential"] == len(windows)
+    code_tokens_trained = sum(w.end - w.first_target for _, w in windows) * 4
+    sequential = [ex for ex in batches.examples if ex[0][: len(model.sequential_head)] == model.sequential_head]
+    assert sum(sum(t) for _, t in sequential) == code_tokens_trained == 4 * n_targets
+    assert sum(b.targets.sum().item() for b in batches) == sum(sum(t) for _, t in batches.examples)
+
+
+def test_negative_task_samples_unseen_items_for_no_and_the_target_for_yes(semconv_config, monkeypatch):
+    _, model, (train, _, _) = build_semconv({**semconv_config, "semconv_task_weights": {"negative": 0.2}})
+    made = []
+    negative_example = model.negative_example
+    monkeypatch.setattr(model, "negative_example",
+                        lambda history, item, positive: made.append((history, item, positive))
+                        or negative_example(history, item, positive))
+    model.epoch_batches(train.dataset, epoch=0)
+    users = {}  # history -> the sequences of the users with that history (two users may share a short one)
+    for s in training_sequences(train.dataset):
+        for p in range(1, len(s)):
+            users.setdefault(tuple(s[:p]), []).append(s)
+    assert {positive for _, _, positive in made} == {True, False}
+    for history, item, positive in made:
+        assert any((item == s[len(history)]) if positive else (item not in s) for s in users[tuple(history)])
+
+
+def test_packed_window_loss_equals_the_per_prefix_loss(semconv_config):
+    _, model, _ = build_semconv(semconv_config)
+    model.double().eval()  # fp64: equality up to rounding
+    items = [model.code_tokens[i] for i in (3, 9, 27, 81, 243, 5)]
+    packed = pack_window(model.sequential_head, items, sequence_windows(6, window=20, context=5)[0])
+    prefixes = [prefix_example(model.sequential_head, items, t) for t in range(1, 6)]
+    with torch.no_grad():
+        packed_losses = model.token_losses(TokenBatch.build([packed], model.pad))
+        prefix_losses = model.token_losses(TokenBatch.build(prefixes, model.pad))
+    assert packed_losses.shape == (20,)
+    assert torch.allclose(packed_losses, prefix_losses, atol=1e-10, rtol=0)
+    assert packed_losses.std() > 0  # not a constant
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def test_constrained_beam_search_only_writes_catalogue_codes(semconv_config):
+    _, model, (_, _, test) = build_semconv(semconv_config)
+    model.eval()
+    histories = model._histories(next(iter(test))[0])[:6]
+    items, scores = model.beam_search(histories)
+    assert items.shape == (6, 5) and (items >= 1).all() and (items < model.n_items).all()
+    assert all(len(set(row)) == 5 for row in items.tolist())  # five different items per user
+    assert torch.isfinite(scores).all() and (scores[:, :-1] >= scores[:, 1:]).all()
+    free, _ = model.beam_search(histories, constrained=False)
+    assert (free == -1).any()  # the untrained model writes non-codes when nothing constrains it
+
+
+def test_full_sort_scores_the_beams_and_minus_inf_elsewhere(semconv_config):
+    _, model, (_, _, test) = build_semconv(semconv_config)
+    model.eval()
+    interaction = next(iter(test))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+    assert scores.shape == (interaction.length, model.n_items)
+    assert (torch.isfinite(scores).sum(1) == 5).all() and torch.isinf(scores[:, 0]).all()
+
+
+def _oracle_generate(model, truth, target_rank: int):
+    """``llm.generate`` replaced: beam ``target_rank`` of each user is the true target's code, the others random
+    other items, scores 0, -1, -2 ... Everything after generation (token -> code -> item mapping, scattering into
+    the full ranking, RecBole's evaluator) is the real code."""
+    current = []
+    beam_search = model.beam_search
+    model.beam_search = lambda histories, constrained=True: current.__setitem__(slice(None), histories) or \
+        beam_search(histories, constrained)
+    generator = torch.Generator().manual_seed(0)
+
+    def generate(input_ids, attention_mask, generation_config, logits_processor):
+        beams = generation_config.num_beams
+        rows = []
+        for history in current:
+            target = truth[history_key(history)]
+            others = [i for i in torch.randperm(model.n_items - 1, generator=generator).add(1).tolist()
+                      if i != target][: beams - 1]
+            rows += [model.code_tokens[i] for i in others[:target_rank] + [target] + others[target_rank:]]
+        sequences = torch.cat([input_ids.repeat_interleave(beams, 0), torch.tensor(rows)], dim=1)
+        scores = -torch.arange(beams, dtype=torch.float).repeat(len(current))
+        return SimpleNamespace(sequences=sequences, sequences_scores=scores)
+
+    model.llm.generate = generate
+
+
+@pytest.mark.parametrize("target_rank, recall_at_1", [(0, 1.0), (2, 0.0)])
+def test_oracle_true_codes_rank_by_beam_score_through_full_sort_predict_and_recboles_evaluator(
+        semconv_config, target_rank, recall_at_1):
+    config, model, (_, _, test) = build_semconv({**semconv_config, "topk": [1, 3], "metrics": ["Recall", "NDCG"]})
+    _oracle_generate(model, targets_by_history(test), target_rank)
+    result = evaluate_with_recbole(config, model, test)
+    assert result["recall@1"] == recall_at_1 and result["recall@3"] == 1.0
+    assert result["ndcg@3"] == pytest.approx(1.0 if target_rank == 0 else 0.5)  # 1 / log2(2 + 2)
+
+
+# ---------------------------------------------------------------------------------------------- learning
+@pytest.fixture(scope="module")
+def learn_data(tmp_path_factory, data_path) -> Path:
+    """30 users with their first 8 ratings each: 6 training items (5 targets) per user."""
+    root = tmp_path_factory.mktemp("learn")
+    (root / "ml-learn").mkdir()
+    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t")
+    inter = inter[inter["user_id:token"] <= 30].sort_values(["user_id:token", "timestamp:float"])
+    inter.groupby("user_id:token").head(8).to_csv(root / "ml-learn" / "ml-learn.inter", sep="\t", index=False)
+    (root / "ml-learn" / "ml-learn.item").write_bytes((data_path / "ml-tiny" / "ml-tiny.item").read_bytes())
+    return root
+
+
+def _training_recall_at_1(model, train_dataset) -> float:
+    sequences = training_sequences(train_dataset)
+    histories = [s[:p] for s in sequences for p in range(1, len(s))]
+    targets = torch.tensor([s[p] for s in sequences for p in range(1, len(s))])
+    model.eval()
+    with torch.no_grad():
+        top = torch.cat([model.beam_search(histories[i: i + 32])[0][:, 0] for i in range(0, len(histories), 32)])
+    return float((top == targets).float().mean())
+
+
+def test_the_model_learns_to_recall_its_training_targets(semconv_config, learn_data):
+    settings = {**semconv_config, "data_path": str(learn_data), "lora_r": 0, "learning_rate": 0.005,
+                "epochs": 120, "train_batch_size": 8, "semconv_codebook_size": 8, "semconv_levels": 3,
+                "semconv_task_weights": {"sequential": 1.0}, "semconv_beams": 3}
+    config, model, (train, valid, _) = build_semconv(settings, "ml-learn")
+    assert _training_recall_at_1(model, train.dataset) < 0.2
+    SemConvTrainer(config, model).fit(train, None, saved=False)
+    assert _training_recall_at_1(model, train.dataset) >= 0.8
+
+
+# ------------------------------------------------------------------------------------- run and round trip
+def test_full_run_and_checkpoint_round_trip_with_codebook_and_code_tokens(semconv_config):
+    config, model, (train, valid, test) = build_semconv({**semconv_config, "learning_rate": 0.01})
+    fresh_rows = model.llm.get_input_embeddings().new_rows.detach().clone()
+    trainer = SemConvTrainer(config, model)
+    trainer.fit(train, valid, saved=True)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not torch.equal(model.llm.get_input_embeddings().new_rows, fresh_rows)  # code rows trained
+    interaction = next(iter(test))[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model.full_sort_predict(interaction)
+
+    saved = load_file(Path(trainer.saved_model_file) / "model.safetensors")
+    assert any(k.startswith("codebook.quantizer.") for k in saved) and "item_codes" in saved
+    assert any("lora_" in k for k in saved) and any(k.endswith("embed_tokens.new_rows") for k in saved)
+    assert not any(k.endswith("embed_tokens.base.weight") for k in saved)  # not the 49k-row matrix
+
+    _, reloaded, _, _, _, reloaded_test = load_model(trainer.saved_model_file)
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in trained.items())
+    with torch.no_grad():
+        actual = reloaded.full_sort_predict(next(iter(reloaded_test))[0])
+    assert torch.equal(actual, expected)
+
+
+def test_run_recbole_llm_reports_recboles_metrics(semconv_config):
+    result = run_recbole_llm("SemConv", "ml-tiny", config_dict=semconv_config)
+    assert set(result["test_result"]) >= {"recall@10", "ndcg@10"} and result["protocol"]["exclude_history"] is False
