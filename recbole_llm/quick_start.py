@@ -29,7 +29,7 @@ from recbole_llm.data.assets import ensure_dataset_files
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 from recbole_llm.protocol import apply_history_exclusion, protocol_of
 from recbole_llm.settings import closest
-from recbole_llm.trainer.checkpoint import CheckpointError, load_weights, read_meta
+from recbole_llm.trainer.checkpoint import CheckpointError, load_weights, read_meta, to_jsonable
 from recbole_llm.trainer.fingerprint import resolved_settings, run_fingerprint
 
 
@@ -181,6 +181,9 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "test_result": _floats(test_result),
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
+        "test_rows": len(test_data.dataset),
+        "train_tokens_per_second": _tokens_per_second(trainer),
+        "model_report": to_jsonable(model_obj.run_report()) if hasattr(model_obj, "run_report") else None,
         "peak_rss_mib": round(memory.peak_rss_mib, 1),
         "peak_gpu_mib": None if memory.peak_gpu_mib is None else round(memory.peak_gpu_mib, 1),
         "device": str(config["device"]),
@@ -189,6 +192,12 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "versions": package_versions(),
         "commit": git_commit(),
     }
+
+
+def _tokens_per_second(trainer) -> float | None:
+    """Training throughput of an LLM trainer (tokens the model reported per second of training), else None."""
+    tokens, seconds = getattr(trainer, "train_tokens", 0), getattr(trainer, "train_seconds", 0.0)
+    return round(tokens / seconds, 1) if tokens and seconds else None
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=False) -> dict:

@@ -13,6 +13,7 @@ from recbole_llm.data.packing import pack_window, prefix_example, sequence_windo
 from recbole_llm.llm.backbone import load_backbone
 from recbole_llm.llm.new_tokens import ExtendedEmbedding, ExtendedHead, add_trainable_tokens
 from recbole_llm.semantic_ids import CodeTrie, CodeVocabulary, TrieConstrainedLogitsProcessor, code_token_names
+from recbole_llm.semantic_ids.trie import reference_allowed_tokens_fn
 from recbole_llm.semantic_ids.quantizer import (
     code_statistics,
     collision_rate,
@@ -124,24 +125,6 @@ def test_trie_allows_the_children_of_each_prefix_and_nothing_after_a_dead_end():
         CodeTrie(torch.tensor([[0, 1], [0, 1]]), 4)
 
 
-def _reference(trie_codes, level_tokens, prompt_length, eos, num_beams):
-    """transformers' PrefixConstrainedLogitsProcessor over a dict trie (a Python call per beam)."""
-    children = {}
-    for code in trie_codes:
-        for depth in range(len(code)):
-            children.setdefault(tuple(code[:depth]), set()).add(code[depth])
-    token_code = {int(t): k for level in level_tokens.tolist() for k, t in enumerate(level)}
-
-    def allowed(batch_id, sentence):
-        generated = [token_code.get(int(t), -1) for t in sentence[prompt_length:]]
-        if len(generated) >= len(level_tokens):
-            return [eos]
-        codes = children.get(tuple(generated), set())
-        return [int(level_tokens[len(generated), k]) for k in sorted(codes)] or [eos]
-
-    return PrefixConstrainedLogitsProcessor(allowed, num_beams)
-
-
 def test_vectorised_constraint_allows_exactly_what_the_reference_allows():
     generator = torch.Generator().manual_seed(0)
     levels, size, vocab, eos, prompt = 3, 6, 40, 1, 5
@@ -150,7 +133,8 @@ def test_vectorised_constraint_allows_exactly_what_the_reference_allows():
     level_tokens = torch.arange(10, 10 + levels * size).view(levels, size)
     vocabulary = CodeVocabulary(level_tokens.flatten().tolist(), levels, size, vocab)
     beams = 4
-    reference = _reference(codes.tolist(), level_tokens, prompt, eos, beams)
+    reference = PrefixConstrainedLogitsProcessor(
+        reference_allowed_tokens_fn([tuple(c) for c in codes.tolist()], level_tokens, prompt, eos), beams)
     ours = TrieConstrainedLogitsProcessor(trie, vocabulary.level_tokens, vocabulary.code_of_token, prompt, eos)
     for step in range(levels + 1):
         # beams on valid prefixes of random catalogue codes, and one beam on a prefix no item has

@@ -178,8 +178,10 @@ def test_constrained_beam_search_only_writes_catalogue_codes(semconv_config):
     assert items.shape == (6, 5) and (items >= 1).all() and (items < model.n_items).all()
     assert all(len(set(row)) == 5 for row in items.tolist())  # five different items per user
     assert torch.isfinite(scores).all() and (scores[:, :-1] >= scores[:, 1:]).all()
-    free, _ = model.beam_search(histories, constrained=False)
+    free, _ = model.beam_search(histories, constraint="none")
     assert (free == -1).any()  # the untrained model writes non-codes when nothing constrains it
+    reference_items, reference_scores = model.beam_search(histories, constraint="reference")
+    assert torch.equal(reference_items, items) and torch.allclose(reference_scores, scores)
 
 
 def test_full_sort_scores_the_beams_and_minus_inf_elsewhere(semconv_config):
@@ -198,8 +200,8 @@ def _oracle_generate(model, truth, target_rank: int):
     the full ranking, RecBole's evaluator) is the real code."""
     current = []
     beam_search = model.beam_search
-    model.beam_search = lambda histories, constrained=True: current.__setitem__(slice(None), histories) or \
-        beam_search(histories, constrained)
+    model.beam_search = lambda histories, constraint="trie": current.__setitem__(slice(None), histories) or \
+        beam_search(histories, constraint)
     generator = torch.Generator().manual_seed(0)
 
     def generate(input_ids, attention_mask, generation_config, logits_processor):
@@ -288,3 +290,30 @@ def test_full_run_and_checkpoint_round_trip_with_codebook_and_code_tokens(semcon
 def test_run_recbole_llm_reports_recboles_metrics(semconv_config):
     result = run_recbole_llm("SemConv", "ml-tiny", config_dict=semconv_config)
     assert set(result["test_result"]) >= {"recall@10", "ndcg@10"} and result["protocol"]["exclude_history"] is False
+
+
+# ------------------------------------------------------------------------------------------ top-K cache
+def test_top_k_export_serves_the_evaluated_ranking_and_refuses_a_stale_fingerprint(semconv_config, tmp_path):
+    from recbole_llm.serving import StaleCacheError, TopKCache, checkpoint_fingerprint, export_checkpoint_top_k
+
+    # 59 + 1 users per batch: a one-row batch once exported user "23" as "2" and "3"
+    config, model, (train, valid, test) = build_semconv({**semconv_config, "eval_batch_size": 59})
+    trainer = SemConvTrainer(config, model)
+    trainer.fit(train, valid, saved=True)
+    path = export_checkpoint_top_k(trainer.saved_model_file, tmp_path / "top.jsonl", k=5, show_progress=False)
+    cache = TopKCache.load(path, checkpoint_fingerprint(trainer.saved_model_file))
+    assert cache.header["users"] == 60 and cache.header["fingerprint"] == trainer.fingerprint
+    assert set(cache.lists) == {str(u) for u in test._dataset.id2token("user_id", test._dataset.inter_feat["user_id"].numpy())}
+
+    model.eval()
+    interaction = next(iter(test))[0]  # the whole split in one batch, as the export scores it
+    with torch.no_grad():
+        best = torch.topk(model.full_sort_predict(interaction)[0], 5).indices
+    user = test._dataset.id2token("user_id", interaction["user_id"][:1].numpy())[0]
+    assert cache.recommend(user, 5) == list(test._dataset.id2token("item_id", best.numpy()))
+    assert cache.recommend(user, 2) == cache.recommend(user, 5)[:2]
+    with pytest.raises(ValueError, match="top 5 items per user, not 6"):
+        cache.recommend(user, 6)
+
+    with pytest.raises(StaleCacheError, match="Export again"):
+        TopKCache.load(path, "0" * 12)

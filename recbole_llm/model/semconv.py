@@ -45,7 +45,7 @@ from recbole_llm.semantic_ids.quantizer import (
     random_semantic_ids,
 )
 from recbole_llm.semantic_ids.tokens import CodeVocabulary, code_token_names
-from recbole_llm.semantic_ids.trie import CodeTrie, TrieConstrainedLogitsProcessor
+from recbole_llm.semantic_ids.trie import CodeTrie, TrieConstrainedLogitsProcessor, reference_allowed_tokens_fn
 from recbole_llm.trainer.fingerprint import run_fingerprint
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 
@@ -282,6 +282,7 @@ class SemConv(SequentialRecommender):
         self.trie = CodeTrie(codes[1:], self.codebook_size)
         self._prepare_tokens()
         self.last_batch_tokens = 0
+        self.last_task_counts = None
 
     # ------------------------------------------------------------------------------------ stage 1: codes
     def _semantic_ids(self, config, dataset):
@@ -334,6 +335,10 @@ class SemConv(SequentialRecommender):
         state = {f"codebook.{k}": v.detach().contiguous() for k, v in codebook.state_dict().items()}
         save_file({"codes": codes, **state}, folder / "codes.safetensors")
         (folder / "stats.json").write_text(json.dumps({"codebook": stats.to_dict(), "module": module}, indent=2))
+
+    def run_report(self) -> dict:
+        """What a run record keeps besides metrics: the codebook statistics and the last epoch's task mixture."""
+        return {"codebook": self.codebook_stats.to_dict(), "tasks": self.last_task_counts}
 
     # --------------------------------------------------------------------------------- stage 2: prompts
     def _prepare_tokens(self) -> None:
@@ -398,7 +403,7 @@ class SemConv(SequentialRecommender):
         if not examples:
             raise ValueError("semconv_task_weights give no training examples; set a positive weight for a task")
         batches = ExampleBatches(examples, self.train_batch_size, self.pad, seed=self.seed + epoch)
-        batches.counts = counts
+        batches.counts = self.last_task_counts = counts
         return batches
 
     def batch_loss(self, batch: TokenBatch) -> torch.Tensor:
@@ -437,26 +442,33 @@ class SemConv(SequentialRecommender):
                                 return_dict_in_generate=True, output_scores=True)
 
     @torch.no_grad()
-    def beam_search(self, histories: list[list[int]], constrained: bool = True):
+    def beam_search(self, histories: list[list[int]], constraint: str = "trie"):
         """Top ``semconv_beams`` codes per history: ``(item ids [B, beams], log-probabilities [B, beams])``.
-        Item id -1 marks a code that is no item (only possible with ``constrained=False``)."""
-        ids, mask = left_pad([self.sequential_prompt(h) for h in histories], self.pad, self.device)
-        processors = []
-        if constrained:
-            self.trie.to(self.device)
-            self.vocabulary.to(self.device)
-            processors.append(TrieConstrainedLogitsProcessor(self.trie, self.vocabulary.level_tokens,
-                                                             self.vocabulary.code_of_token, ids.shape[1], self.eos))
-        from transformers import LogitsProcessorList
 
+        ``constraint``: ``trie`` (the vectorised prefix-trie processor), ``reference`` (transformers'
+        PrefixConstrainedLogitsProcessor over the same codes, a Python call per beam: slow, for checks) or
+        ``none`` (free beam search; item id -1 marks a code that is no item)."""
+        from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor
+
+        ids, mask = left_pad([self.sequential_prompt(h) for h in histories], self.pad, self.device)
+        self.trie.to(self.device)
+        self.vocabulary.to(self.device)
+        processors = {
+            "trie": lambda: [TrieConstrainedLogitsProcessor(self.trie, self.vocabulary.level_tokens,
+                                                            self.vocabulary.code_of_token, ids.shape[1], self.eos)],
+            "reference": lambda: [PrefixConstrainedLogitsProcessor(reference_allowed_tokens_fn(
+                [tuple(c) for c in self.item_codes[1:].tolist()], self.vocabulary.level_tokens.cpu(), ids.shape[1],
+                self.eos), self.beams)],
+            "none": lambda: [],
+        }[constraint]()
         out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=self.generation_config(),
                                 logits_processor=LogitsProcessorList(processors))
         generated = out.sequences[:, ids.shape[1]: ids.shape[1] + self.levels]
-        codes = self.vocabulary.to(self.device).codes(generated)
+        codes = self.vocabulary.codes(generated)
         items = torch.full((len(codes),), -1, dtype=torch.long, device=self.device)
         complete = (codes >= 0).all(1) & (generated.shape[1] == self.levels)
         if complete.any():
-            items[complete] = self.trie.to(self.device).items(codes[complete])
+            items[complete] = self.trie.items(codes[complete])
         items = torch.where(items >= 0, items + 1, -1)  # trie rows are items 1..n-1
         scores = out.sequences_scores.float()
         return items.view(len(histories), -1), scores.view(len(histories), -1)

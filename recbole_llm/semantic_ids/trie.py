@@ -106,3 +106,24 @@ class TrieConstrainedLogitsProcessor(LogitsProcessor):
         dead = ~allowed.any(1)
         mask[dead, self.eos_token_id] = 0.0
         return scores + mask
+
+
+def reference_allowed_tokens_fn(codes: list[tuple[int, ...]], level_tokens: torch.Tensor, prompt_length: int,
+                                eos_token_id: int):
+    """The slow reference: a ``prefix_allowed_tokens_fn`` for transformers' ``PrefixConstrainedLogitsProcessor``
+    over a dict trie, called once per beam and step (tests and the decoding benchmark compare against it)."""
+    children: dict[tuple, set] = {}
+    for code in codes:
+        for depth in range(len(code)):
+            children.setdefault(tuple(code[:depth]), set()).add(code[depth])
+    code_of = {int(token): k for level in level_tokens.tolist() for k, token in enumerate(level)}
+    levels = len(level_tokens)
+
+    def allowed(batch_id: int, sentence: torch.Tensor) -> list[int]:
+        generated = [code_of.get(int(t), -1) for t in sentence[prompt_length:]]
+        if len(generated) >= levels:
+            return [eos_token_id]
+        following = children.get(tuple(generated), set())
+        return [int(level_tokens[len(generated), k]) for k in sorted(following)] or [eos_token_id]
+
+    return allowed
