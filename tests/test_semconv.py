@@ -184,6 +184,18 @@ def test_constrained_beam_search_only_writes_catalogue_codes(semconv_config):
     assert torch.equal(reference_items, items) and torch.allclose(reference_scores, scores)
 
 
+def test_shared_prefill_beam_search_returns_what_generate_returns(semconv_config):
+    _, model, (_, _, test) = build_semconv(semconv_config)
+    model.eval()
+    histories = model._histories(next(iter(test))[0])[:6]  # different lengths: left padding is exercised
+    assert len({len(h) for h in histories}) > 1
+    for constraint in ("trie", "none"):
+        ours, our_scores = model.generate_code_tokens(histories, constraint, decoder="prefill")
+        theirs, their_scores = model.generate_code_tokens(histories, constraint, decoder="generate")
+        assert torch.equal(ours, theirs), constraint
+        assert torch.allclose(our_scores, their_scores, atol=1e-4), constraint
+
+
 def test_full_sort_scores_the_beams_and_minus_inf_elsewhere(semconv_config):
     _, model, (_, _, test) = build_semconv(semconv_config)
     model.eval()
@@ -195,28 +207,22 @@ def test_full_sort_scores_the_beams_and_minus_inf_elsewhere(semconv_config):
 
 
 def _oracle_generate(model, truth, target_rank: int):
-    """``llm.generate`` replaced: beam ``target_rank`` of each user is the true target's code, the others random
-    other items, scores 0, -1, -2 ... Everything after generation (token -> code -> item mapping, scattering into
-    the full ranking, RecBole's evaluator) is the real code."""
-    current = []
-    beam_search = model.beam_search
-    model.beam_search = lambda histories, constraint="trie": current.__setitem__(slice(None), histories) or \
-        beam_search(histories, constraint)
+    """Code generation replaced: beam ``target_rank`` of each user is the true target's code tokens, the others
+    random other items', scores 0, -1, -2 ... Everything after generation (token -> code -> item mapping,
+    scattering into the full ranking, RecBole's evaluator) is the real code."""
     generator = torch.Generator().manual_seed(0)
 
-    def generate(input_ids, attention_mask, generation_config, logits_processor):
-        beams = generation_config.num_beams
+    def generate(histories, constraint="trie", decoder="prefill"):
         rows = []
-        for history in current:
+        for history in histories:
             target = truth[history_key(history)]
             others = [i for i in torch.randperm(model.n_items - 1, generator=generator).add(1).tolist()
-                      if i != target][: beams - 1]
-            rows += [model.code_tokens[i] for i in others[:target_rank] + [target] + others[target_rank:]]
-        sequences = torch.cat([input_ids.repeat_interleave(beams, 0), torch.tensor(rows)], dim=1)
-        scores = -torch.arange(beams, dtype=torch.float).repeat(len(current))
-        return SimpleNamespace(sequences=sequences, sequences_scores=scores)
+                      if i != target][: model.beams - 1]
+            rows.append([model.code_tokens[i] for i in others[:target_rank] + [target] + others[target_rank:]])
+        scores = -torch.arange(model.beams, dtype=torch.float).repeat(len(histories), 1)
+        return torch.tensor(rows), scores
 
-    model.llm.generate = generate
+    model.generate_code_tokens = generate
 
 
 @pytest.mark.parametrize("target_rank, recall_at_1", [(0, 1.0), (2, 0.0)])

@@ -1,9 +1,10 @@
-"""Temperature sampling of several continuations per prompt from one shared prefill.
+"""Decoding several continuations per prompt from one shared prefill: temperature sampling and beam search.
 
-``generate(num_return_sequences=N)`` copies each prompt N times *before* the prefill, so the prompt is encoded N
-times. Here the prompt batch is encoded once, its KV cache is repeated N times along the batch, and only the
-new tokens are computed per sample. The loop is explicit (no ``generation_config.json`` can change it) and
-returns each sample's log-probability under the model, which CALRec's ranking needs.
+``generate(num_return_sequences=N)`` and ``generate(num_beams=N)`` copy each prompt N times *before* the prefill,
+so the prompt is encoded N times. Here the prompt batch is encoded once, its KV cache is repeated N times along
+the batch, and only the new tokens are computed per sample or beam. The loops are explicit (no
+``generation_config.json`` can change them) and return each sequence's log-probability under the model, which
+CALRec's and SemConv's rankings need.
 """
 
 from __future__ import annotations
@@ -91,3 +92,61 @@ def sample_continuations(
         logits = out.logits[:, -1].float()
     tokens = torch.stack(generated, dim=1).view(batch, num_samples, -1)
     return Samples(tokens, lengths.view(batch, num_samples), log_probs.view(batch, num_samples))
+
+
+@dataclass
+class Beams:
+    tokens: torch.Tensor  # [B, K, T] the K best continuations of each prompt, best first
+    scores: torch.Tensor  # [B, K] their log-probabilities (sum over tokens; -inf for a beam with no valid path)
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    logits_processor=None,
+) -> Beams:
+    """Beam search of exactly ``max_new_tokens`` tokens after each left-padded prompt, from one shared prefill.
+
+    Standard beam search (keep the ``num_beams`` best partial sequences of each prompt at every step, scored by
+    the sum of log-softmax over the whole vocabulary); ``logits_processor`` (a transformers ``LogitsProcessor``,
+    called with the prompt plus the tokens so far, as ``generate`` calls it) may set scores to -inf to constrain
+    the search. For fixed-length outputs it returns what ``generate(num_beams=K, num_return_sequences=K,
+    length_penalty=0)`` returns (a test checks it), computing the prompt once instead of K times.
+    """
+    batch, width = input_ids.shape
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    step_scores = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+    beams = min(num_beams, step_scores.shape[-1])
+    if logits_processor is not None:  # called on B*K rows, as generate calls it (processors may rely on that)
+        expanded = logits_processor(input_ids.repeat_interleave(beams, 0), step_scores.repeat_interleave(beams, 0))
+        step_scores = expanded.view(batch, beams, -1)[:, 0]
+    scores, token = step_scores.topk(beams, dim=-1)  # [B, K]: K different first tokens
+    cache.batch_repeat_interleave(beams)
+    running = torch.cat([input_ids.repeat_interleave(beams, 0), token.reshape(-1, 1)], dim=1)
+    mask = attention_mask.repeat_interleave(beams, 0)
+    position = position_ids[:, -1:].repeat_interleave(beams, 0)
+    offsets = (torch.arange(batch, device=input_ids.device) * beams).unsqueeze(1)
+    for _ in range(max_new_tokens - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        out = model(input_ids=running[:, -1:], attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        cache = out.past_key_values
+        step_scores = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B*K, V]
+        if logits_processor is not None:
+            step_scores = logits_processor(running, step_scores)
+        vocab = step_scores.shape[-1]
+        candidates = (scores.reshape(-1, 1) + step_scores).view(batch, beams * vocab)
+        scores, flat = candidates.topk(beams, dim=-1)  # [B, K]
+        origin = (offsets + torch.div(flat, vocab, rounding_mode="floor")).reshape(-1)
+        cache.reorder_cache(origin)
+        running = torch.cat([running[origin], (flat % vocab).reshape(-1, 1)], dim=1)
+    return Beams(running[:, width:].view(batch, beams, -1), scores)

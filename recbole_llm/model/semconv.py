@@ -32,7 +32,7 @@ from recbole_llm.data.assets import cache_root, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder
 from recbole_llm.data.packing import pack_window, sequence_windows
 from recbole_llm.llm.backbone import backbone_from_config
-from recbole_llm.llm.generation import left_pad, pad_sequences
+from recbole_llm.llm.generation import beam_search, left_pad, pad_sequences
 from recbole_llm.llm.new_tokens import add_trainable_tokens
 from recbole_llm.llm.pooling import decoder_and_head, masked_mean
 from recbole_llm.registry import register_model
@@ -442,36 +442,50 @@ class SemConv(SequentialRecommender):
                                 return_dict_in_generate=True, output_scores=True)
 
     @torch.no_grad()
-    def beam_search(self, histories: list[list[int]], constraint: str = "trie"):
-        """Top ``semconv_beams`` codes per history: ``(item ids [B, beams], log-probabilities [B, beams])``.
+    def generate_code_tokens(self, histories: list[list[int]], constraint: str = "trie", decoder: str = "prefill"):
+        """The ``semconv_beams`` best code-token sequences per history: ``(tokens [B, beams, L], log-probs [B, beams])``.
 
         ``constraint``: ``trie`` (the vectorised prefix-trie processor), ``reference`` (transformers'
         PrefixConstrainedLogitsProcessor over the same codes, a Python call per beam: slow, for checks) or
-        ``none`` (free beam search; item id -1 marks a code that is no item)."""
+        ``none`` (free beam search). ``decoder``: ``prefill`` (:func:`recbole_llm.llm.generation.beam_search`, each
+        prompt encoded once) or ``generate`` (transformers' ``generate`` with :meth:`generation_config`, which
+        encodes each prompt once per beam); both return the same beams."""
         from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor
 
         ids, mask = left_pad([self.sequential_prompt(h) for h in histories], self.pad, self.device)
         self.trie.to(self.device)
         self.vocabulary.to(self.device)
-        processors = {
+        processors = LogitsProcessorList({
             "trie": lambda: [TrieConstrainedLogitsProcessor(self.trie, self.vocabulary.level_tokens,
                                                             self.vocabulary.code_of_token, ids.shape[1], self.eos)],
             "reference": lambda: [PrefixConstrainedLogitsProcessor(reference_allowed_tokens_fn(
                 [tuple(c) for c in self.item_codes[1:].tolist()], self.vocabulary.level_tokens.cpu(), ids.shape[1],
                 self.eos), self.beams)],
             "none": lambda: [],
-        }[constraint]()
+        }[constraint]())
+        if decoder == "prefill":
+            beams = beam_search(self.llm, ids, mask, num_beams=self.beams, max_new_tokens=self.levels,
+                                logits_processor=processors or None)
+            return beams.tokens, beams.scores
         out = self.llm.generate(input_ids=ids, attention_mask=mask, generation_config=self.generation_config(),
-                                logits_processor=LogitsProcessorList(processors))
-        generated = out.sequences[:, ids.shape[1]: ids.shape[1] + self.levels]
-        codes = self.vocabulary.codes(generated)
-        items = torch.full((len(codes),), -1, dtype=torch.long, device=self.device)
-        complete = (codes >= 0).all(1) & (generated.shape[1] == self.levels)
+                                logits_processor=processors)
+        tokens = out.sequences[:, ids.shape[1]:]
+        if tokens.shape[1] < self.levels:  # every beam ended early (only possible without a constraint)
+            tokens = F.pad(tokens, (0, self.levels - tokens.shape[1]), value=self.eos)
+        return tokens[:, : self.levels].reshape(len(histories), -1, self.levels), \
+            out.sequences_scores.float().view(len(histories), -1)
+
+    def beam_search(self, histories: list[list[int]], constraint: str = "trie", decoder: str = "prefill"):
+        """Top ``semconv_beams`` items per history: ``(item ids [B, beams], log-probabilities [B, beams])``, best
+        first; item id -1 marks a code that is no item (only possible with ``constraint="none"``)."""
+        tokens, scores = self.generate_code_tokens(histories, constraint, decoder)
+        codes = self.vocabulary.codes(tokens.flatten(0, 1))
+        items = torch.full((len(codes),), -1, dtype=torch.long, device=codes.device)
+        complete = (codes >= 0).all(1)
         if complete.any():
             items[complete] = self.trie.items(codes[complete])
         items = torch.where(items >= 0, items + 1, -1)  # trie rows are items 1..n-1
-        scores = out.sequences_scores.float()
-        return items.view(len(histories), -1), scores.view(len(histories), -1)
+        return items.view(scores.shape), scores
 
     def full_sort_predict(self, interaction):
         """``[B, n_items]``: beam log-probabilities of the top ``semconv_beams`` items, -inf elsewhere."""
