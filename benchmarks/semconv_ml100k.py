@@ -3,6 +3,7 @@
     python benchmarks/semconv_ml100k.py                         # 2-core CPU budget (--preset=cpu)
     python benchmarks/semconv_ml100k.py --preset=none           # the paper-like defaults (GPU)
     python benchmarks/semconv_ml100k.py --only=ablations        # one part: baselines | semconv | curve | ablations
+    python benchmarks/semconv_ml100k.py --semconv_preset=cpu-long --only=semconv   # SemConv's longer CPU budget
 
 Every model runs through recbole_llm's pipeline on one protocol (leave-one-out by time, full ranking, Recall@5/@10
 and NDCG@5/@10, ``exclude_history`` resolved once for all: RecBole's sequential default, history kept).
@@ -69,6 +70,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--preset", default="cpu", help="properties/presets/<Model>-<preset>.yaml, or 'none'")
+    parser.add_argument("--semconv_preset", default=None, help="another preset for the SemConv runs (e.g. cpu-long)")
     parser.add_argument("--models", default=",".join(BASELINES), help="baselines to run")
     parser.add_argument("--only", choices=["baselines", "semconv", "curve", "ablations"], action="append",
                         help="run only these parts (repeatable); default: all")
@@ -81,29 +83,29 @@ def main(argv=None) -> None:
         common["preset"] = args.preset
     baselines = [m for m in args.models.split(",") if m]
     protocol = comparison_protocol(["SemConv", *baselines], args.dataset, config_dict=common)
-    weights = dict(make_config("SemConv", args.dataset, config_dict=common)["semconv_task_weights"])
+    semconv = {**common, "preset": args.semconv_preset} if args.semconv_preset else common
+    weights = dict(make_config("SemConv", args.dataset, config_dict=semconv)["semconv_task_weights"])
     parts = args.only or ["baselines", "semconv", "curve", "ablations"]
-    runs = [(name, name, {}) for name in baselines] if "baselines" in parts else []
+    runs = [(name, name, common) for name in baselines] if "baselines" in parts else []
     for part, part_runs in semconv_runs(weights).items():
         if part in parts:
-            runs += [(label, "SemConv", overrides) for label, overrides in part_runs]
+            runs += [(label, "SemConv", {**semconv, **overrides}) for label, overrides in part_runs]
 
     started, commit = time.strftime("%Y-%m-%d %H:%M"), git_commit()
-    records = [
-        run_in_comparison(model, args.dataset, protocol, config_dict={**common, **overrides}, results_path=args.results,
-                          label=label)
-        for label, model, overrides in runs
-    ]
     command = "python benchmarks/semconv_ml100k.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = (
-        f"SemConv vs RecBole sequential models on {args.dataset} (preset: {args.preset})\n\n"
-        f"- command: `{command.strip()}`\n- commit: {commit}\n- machine: {machine()}\n- started: {started}\n"
-        f"- protocol: {protocol}\n\n{comparison_table(records)}\n\n{details(records)}\n"
-    )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(report)
+    records = []
+    for label, model, settings in runs:  # the report is rewritten after every run: an interruption keeps it
+        records.append(run_in_comparison(model, args.dataset, protocol, config_dict=settings,
+                                         results_path=args.results, label=label))
+        report = (
+            f"SemConv vs RecBole sequential models on {args.dataset} (preset: {args.preset}, SemConv: "
+            f"{args.semconv_preset or args.preset})\n\n"
+            f"- command: `{command.strip()}`\n- commit: {commit}\n- machine: {machine()}\n- started: {started}\n"
+            f"- protocol: {protocol}\n\n{comparison_table(records)}\n\n{details(records)}\n"
+        )
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report)
     print(report)
-
 
 if __name__ == "__main__":
     main()
