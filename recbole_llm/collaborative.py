@@ -17,7 +17,8 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from recbole_llm.data.assets import cache_root, write_dir_atomically
 from recbole_llm.trainer.fingerprint import run_fingerprint
@@ -47,7 +48,8 @@ def collaborative_item_embeddings(config, dataset, *, model: str = "LightGCN", t
                                   epochs: int = 50, settings: dict | None = None) -> torch.Tensor:
     """``[dataset.item_num, D]`` item vectors of ``model``'s ``table`` (row 0, the padding item, is zeros)."""
     other = cf_config(config, model, epochs, settings)
-    key = f"{model}-{config['dataset']}-{run_fingerprint(other)}"
+    # ``epochs`` is volatile for resumable runs (a longer run continues a shorter one) but shapes these vectors
+    key = f"{model}-{config['dataset']}-{run_fingerprint(other)}-{epochs}ep"
     folder = Path(config["llm_cache_dir"] or cache_root()) / "collaborative" / key
     file = folder / "items.safetensors"
     if not file.is_file():
@@ -55,11 +57,9 @@ def collaborative_item_embeddings(config, dataset, *, model: str = "LightGCN", t
         write_dir_atomically(folder, lambda tmp: save_file({"vectors": vectors}, tmp / file.name,
                                                            metadata={"tokens": "\n".join(tokens)}), overwrite=True)
         logger.info("Collaborative embeddings (%s.%s, %d epochs) cached in %s", model, table, epochs, folder)
-    from safetensors import safe_open
-
     with safe_open(file, "pt") as handle:
         tokens = handle.metadata()["tokens"].split("\n")
-    vectors = load_file(file)["vectors"]
+        vectors = handle.get_tensor("vectors")
     row_of = {token: row for row, token in enumerate(tokens)}
     ours = dataset.field2id_token[dataset.iid_field]
     out = torch.zeros(len(ours), vectors.shape[1])

@@ -69,6 +69,17 @@ def test_items_get_unique_codes_cached_by_every_input_that_shapes_them(semconv_c
     assert (folder / "codes.safetensors").stat().st_mtime_ns == stamp  # reused, not recomputed
 
 
+def test_collaborative_vectors_are_cached_per_epoch_count(semconv_config):
+    from recbole_llm.collaborative import collaborative_item_embeddings
+
+    config, _, (train, _, _) = build_semconv({**semconv_config, "semconv_codes": "random"})
+    one = collaborative_item_embeddings(config, train.dataset, epochs=1)
+    two = collaborative_item_embeddings(config, train.dataset, epochs=2)
+    assert one.shape == (train.dataset.item_num, 64) and (one[0] == 0).all()
+    assert not torch.equal(one, two)  # epochs is volatile for resume, never for this cache
+    assert torch.equal(collaborative_item_embeddings(config, train.dataset, epochs=1), one)
+
+
 def test_edited_item_data_never_reuses_cached_codes(semconv_config, tmp_path, data_path):
     copy = tmp_path / "copy"
     (copy / "ml-tiny").mkdir(parents=True)
