@@ -408,19 +408,16 @@ class SemConv(SequentialRecommender):
 
     def batch_loss(self, batch: TokenBatch) -> torch.Tensor:
         """Mean token cross-entropy over the response tokens (``targets``) of a batch."""
+        self.last_batch_tokens = int(batch.mask.sum())
+        return self.token_losses(batch).mean()
+
+    def token_losses(self, batch: TokenBatch) -> torch.Tensor:
+        """Cross-entropy of every response token (flattened, in order); the LM head runs on those positions only."""
         decoder, lm_head = decoder_and_head(self.llm)
         hidden = decoder(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
         predicts = batch.targets[:, 1:].bool()  # position t predicts token t + 1
         logits = lm_head(hidden[:, :-1][predicts])
-        self.last_batch_tokens = int(batch.mask.sum())
-        return F.cross_entropy(logits.float(), batch.ids[:, 1:][predicts])
-
-    def token_losses(self, batch: TokenBatch) -> torch.Tensor:
-        """Per-target-token cross-entropy (flattened, in order), for tests and diagnostics."""
-        decoder, lm_head = decoder_and_head(self.llm)
-        hidden = decoder(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
-        predicts = batch.targets[:, 1:].bool()
-        return F.cross_entropy(lm_head(hidden[:, :-1][predicts]).float(), batch.ids[:, 1:][predicts], reduction="none")
+        return F.cross_entropy(logits.float(), batch.ids[:, 1:][predicts], reduction="none")
 
     def calculate_loss(self, interaction):
         """Per-prefix loss of RecBole's training rows (the trainer uses the packed tasks; this serves RecBole's API)."""
