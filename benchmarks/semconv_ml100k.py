@@ -4,6 +4,7 @@
     python benchmarks/semconv_ml100k.py --preset=none           # the paper-like defaults (GPU)
     python benchmarks/semconv_ml100k.py --only=ablations        # one part: baselines | semconv | curve | ablations
     python benchmarks/semconv_ml100k.py --semconv_preset=cpu-long --only=semconv   # SemConv's longer CPU budget
+    python benchmarks/semconv_ml100k.py --only=ablations --runs="negative task" --runs="task only"   # some runs
 
 Every model runs through recbole_llm's pipeline on one protocol (leave-one-out by time, full ranking, Recall@5/@10
 and NDCG@5/@10, ``exclude_history`` resolved once for all: RecBole's sequential default, history kept).
@@ -74,6 +75,8 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default=",".join(BASELINES), help="baselines to run")
     parser.add_argument("--only", choices=["baselines", "semconv", "curve", "ablations"], action="append",
                         help="run only these parts (repeatable); default: all")
+    parser.add_argument("--runs", action="append", default=[],
+                        help="run only the runs whose label contains this text (repeatable); default: all")
     parser.add_argument("--out", default="saved/benchmarks/semconv-ml-100k.md")
     parser.add_argument("--results", default="saved/benchmarks/semconv-ml-100k.jsonl")
     args = parser.parse_args(argv)
@@ -90,6 +93,10 @@ def main(argv=None) -> None:
     for part, part_runs in semconv_runs(weights).items():
         if part in parts:
             runs += [(label, "SemConv", {**semconv, **overrides}) for label, overrides in part_runs]
+    if args.runs:
+        runs = [run for run in runs if any(text in run[0] for text in args.runs)]
+        if not runs:
+            parser.error(f"no run label contains any of {args.runs}; see semconv_runs() for the labels")
 
     started, commit = time.strftime("%Y-%m-%d %H:%M"), git_commit()
     command = "python benchmarks/semconv_ml100k.py " + " ".join(sys.argv[1:] if argv is None else argv)
