@@ -5,6 +5,7 @@ hyperopt >= 0.2.6, scipy >= 1.13), so RecBole runs on a current stack.
 """
 
 from recbole_llm import compat  # noqa: F401  (must come first: patches RecBole before anything uses it)
+from recbole_llm import metrics  # noqa: F401,E402  (registers Accuracy with RecBole's evaluator)
 
 __version__ = "0.1.0"
 

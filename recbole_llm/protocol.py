@@ -1,7 +1,9 @@
 """The evaluation protocol: what must be identical for results to share a table, and history exclusion.
 
-The protocol is the split, the metrics and cut-offs, the validation metric, and whether a user's earlier items are
-removed from the full ranking (``exclude_history``). RecBole decides the last one by model type: its full-sort
+The protocol is the split, the metrics and cut-offs, the validation metric, whether a user's earlier items are
+removed from the full ranking (``exclude_history``), and for labeled (CTR) runs the label threshold, the rows kept
+(``min_history_length``) and the seeded evaluation sample (``eval_max_interactions``, see
+:mod:`recbole_llm.data.labeled`). RecBole decides the last one by model type: its full-sort
 loader removes the training history for general and context models and nothing for sequential models, so in one
 RecBole comparison Pop is ranked without the user's history and SASRec with it. Here it is one setting:
 
@@ -21,7 +23,8 @@ import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import ModelType
 
-PROTOCOL_KEYS = ("eval_args", "metrics", "topk", "valid_metric", "exclude_history")
+PROTOCOL_KEYS = ("eval_args", "metrics", "topk", "valid_metric", "exclude_history", "threshold",
+                 "min_history_length", "eval_max_interactions")
 
 
 def excludes_history(config) -> bool:

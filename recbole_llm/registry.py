@@ -90,10 +90,13 @@ def get_trainer(model_type, model_name: str) -> type:
 
 
 def create_dataset(config):
-    """Build the dataset: the plugin model's own dataset class if it registered one, else RecBole's choice."""
+    """Build the dataset: the plugin model's own dataset class if it registered one, else in a labeled (CTR) run
+    :mod:`recbole_llm.data.labeled`'s (one row set and order for every model), else RecBole's choice."""
     from recbole.data import create_dataset as recbole_create_dataset
 
-    dataset_cls = _DATASETS.get(config["model"])
+    from recbole_llm.data.labeled import labeled_dataset_class
+
+    dataset_cls = _DATASETS.get(config["model"]) or labeled_dataset_class(config)
     return dataset_cls(config) if dataset_cls is not None else recbole_create_dataset(config)
 
 

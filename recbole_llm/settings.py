@@ -198,6 +198,9 @@ COMMON: dict[str, Setting] = {
     "item_text_missing": Setting("a string", lambda v: None if isinstance(v, str) else "it is not a string",
                                  example="unknown"),
     "exclude_history": boolean(nullable=True),
+    "min_history_length": integer(0),
+    "eval_max_interactions": integer(1, nullable=True),
+    "threshold": mapping("{rating: 4}"),
     "preset": text(nullable=True, example="cpu"),
 }
 

@@ -1,0 +1,77 @@
+"""The labeled (CTR) protocol: context and sequential models get the same rows, split and evaluation sample; the
+Accuracy metric is RecBole's like AUC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from recbole.data import data_preparation
+
+from recbole_llm.data.labeled import LabeledDataset, LabeledProtocolError, LabeledSequentialDataset
+from recbole_llm.quick_start import make_config, run_recbole_llm
+from recbole_llm.registry import create_dataset
+
+CTR = {
+    "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None, "mode": "labeled"},
+    "threshold": {"rating": 4},
+    "metrics": ["AUC", "LogLoss", "Accuracy"],
+    "valid_metric": "AUC",
+    "train_neg_sample_args": None,
+    "MAX_ITEM_LIST_LENGTH": 20,
+    "min_history_length": 5,
+}
+
+
+def split_rows(model: str, config_dict: dict):
+    config = make_config(model, "ml-tiny", config_dict=config_dict)
+    dataset = create_dataset(config)
+    loaders = data_preparation(config, dataset)
+    rows = []
+    for loader in loaders:
+        inter = loader.dataset.inter_feat
+        users = dataset.field2id_token[dataset.uid_field][inter[dataset.uid_field].numpy()]
+        items = dataset.field2id_token[dataset.iid_field][inter[dataset.iid_field].numpy()]
+        rows.append(list(zip(users.tolist(), items.tolist(), inter["timestamp"].numpy().tolist(),
+                             inter[dataset.label_field].numpy().tolist())))
+    return dataset, loaders, rows
+
+
+def test_context_and_sequential_models_share_rows_split_and_sample(base_config):
+    settings = {**base_config, **CTR, "eval_max_interactions": 150}
+    flat, _, context_rows = split_rows("DeepFM", settings)
+    seq, loaders, sequential_rows = split_rows("DIN", settings)
+    assert isinstance(flat, LabeledDataset) and isinstance(seq, LabeledSequentialDataset)
+    assert [len(part) for part in sequential_rows[1:]] == [150, 150]
+    for context_part, sequential_part in zip(context_rows, sequential_rows):
+        assert context_part == sequential_part  # same rows, same order, same labels
+    train, valid, test = sequential_rows
+    for part in (train, valid, test):  # a total order: time, then user token, then item token
+        assert part == sorted(part, key=lambda row: (row[2], row[0], row[1]))
+    assert max(t for _, _, t, _ in train) <= min(t for _, _, t, _ in valid + test)  # global temporal split
+    # every kept row has >= 5 earlier interactions of its user, and the history holds ratings, never the row's own
+    inter = loaders[2].dataset.inter_feat
+    assert (inter["item_length"] >= 5).all()
+    assert "rating" not in inter.interaction and "rating_list" in inter.interaction
+    ratings = inter["rating_list"][inter["item_id_list"] > 0]
+    assert set(np.unique(ratings.numpy()).tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_eval_sample_is_seeded(base_config):
+    settings = {**base_config, **CTR, "eval_max_interactions": 100}
+    _, _, first = split_rows("DeepFM", settings)
+    _, _, again = split_rows("DeepFM", settings)
+    _, _, other = split_rows("DeepFM", {**settings, "seed": 7})
+    assert first[2] == again[2] and first[2] != other[2] and first[0] == other[0]
+
+
+def test_labeled_keys_refused_in_a_ranking_run(base_config):
+    config = make_config("SASRec", "ml-tiny", config_dict={**base_config, "eval_max_interactions": 10})
+    with pytest.raises(LabeledProtocolError, match="labeled"):
+        create_dataset(config)
+
+
+def test_accuracy_is_a_recbole_value_metric(base_config):
+    record = run_recbole_llm("LR", "ml-tiny", config_dict={**base_config, **CTR, "eval_step": 1}, saved=False)
+    result = record["test_result"]
+    assert set(result) == {"auc", "logloss", "accuracy"} and 0 < result["accuracy"] < 1
+    assert record["protocol"]["min_history_length"] == 5 and record["protocol"]["threshold"] == {"rating": 4}
