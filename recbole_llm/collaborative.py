@@ -29,14 +29,15 @@ logger = logging.getLogger(__name__)
 SPLIT_KEYS = ("eval_args", "load_col", "unload_col", "unused_col", "user_inter_num_interval",
               "item_inter_num_interval", "val_interval", "rm_dup_inter", "filter_inter_by_user_or_item",
               "USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD", "RATING_FIELD", "seed", "reproducibility",
-              "gpu_id", "checkpoint_dir", "state", "show_progress")
+              "gpu_id", "checkpoint_dir", "state", "show_progress", "min_history_length")
 
 
 def cf_config(config, model: str, epochs: int, settings: dict | None = None):
     """The RecBole Config of the CF model: the run's dataset and split, the model's own YAML, ``settings``."""
     from recbole_llm.quick_start import make_config
 
-    values = {key: config[key] for key in SPLIT_KEYS if config[key] is not None}
+    # every split key the run resolved, None included (``load_col: ~`` means every column, not the CF model's own)
+    values = {key: config[key] for key in SPLIT_KEYS if key in config.final_config_dict}
     values.update(settings or {})
     values["epochs"] = epochs
     values["data_path"] = str(Path(config["data_path"]).parent)  # RecBole appended the dataset name

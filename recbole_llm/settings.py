@@ -258,6 +258,41 @@ MODEL_KEYS: dict[str, dict[str, Setting]] = {
 }
 
 
+_SELECTIONS = ("rerank", "high", "sequential", "simple")  # recbole_llm.retrieval.history.SELECTIONS
+
+
+def _selection(value) -> str | None:
+    return None if value in _SELECTIONS else f"{value!r} is not one of {' | '.join(_SELECTIONS)}"
+
+
+MODEL_KEYS["RALLRec"] = {
+    "rallrec_descriptions": choice("llm", "template"),
+    "rallrec_description_tokens": integer(1),
+    "rallrec_description_temperature": number(at_least=0, example="0.8"),
+    "rallrec_description_top_p": number(above=0, example="0.9"),
+    "rallrec_description_batch_size": integer(1),
+    "rallrec_text_encoder": choice("llm", "minilm"),
+    "rallrec_pca_dim": integer(1),
+    "rallrec_cf_model": text(example="LightGCN"),
+    "rallrec_cf_table": text(example="item_embedding"),
+    "rallrec_cf_epochs": integer(1),
+    "rallrec_cf_settings": mapping("{embedding_size: 64}"),
+    "rallrec_ssl_hidden": integer(1),
+    "rallrec_ssl_tau": number(above=0, example="0.1"),
+    "rallrec_ssl_epochs": integer(1),
+    "rallrec_ssl_lr": number(above=0, example="0.001"),
+    "rallrec_embedding": choice("mix3", "text", "colla", "ssl"),
+    "rallrec_history_k": integer(1),
+    "rallrec_alpha": Setting("a number from 0 to 1", lambda v: None if _is_number(v) and 0 <= v <= 1
+                             else "it is not a number from 0 to 1", example="0.6667"),
+    "rallrec_prompt": Setting("one of " + " | ".join(_SELECTIONS), _selection, example="rerank"),
+    "rallrec_train_prompts": string_list(non_empty=True, example="[high,sequential,simple]", items=_selection),
+    "rallrec_train_samples": integer(1),
+    "rallrec_score_batch_size": integer(1),
+    "rallrec_user_fields": string_mapping("{gender: gender, age: age, job: occupation}"),
+}
+
+
 @dataclass
 class Problems:
     lines: list[str] = field(default_factory=list)

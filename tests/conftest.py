@@ -33,7 +33,7 @@ def _ml100k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def data_path(tmp_path_factory) -> Path:
-    """``<data_path>/ml-tiny``: the interactions of ml-100k's first 60 users, and the full item file."""
+    """``<data_path>/ml-tiny``: the interactions of ml-100k's first 60 users, and the full item and user files."""
     root = tmp_path_factory.mktemp("data")
     folder = root / TINY
     folder.mkdir()
@@ -41,7 +41,8 @@ def data_path(tmp_path_factory) -> Path:
     inter = pd.read_csv(source / "ml-100k.inter", sep="\t", dtype=str)
     inter = inter[inter["user_id:token"].astype(int) <= N_USERS]
     inter.to_csv(folder / f"{TINY}.inter", sep="\t", index=False)
-    (folder / f"{TINY}.item").write_bytes((source / "ml-100k.item").read_bytes())
+    for suffix in ("item", "user"):
+        (folder / f"{TINY}.{suffix}").write_bytes((source / f"ml-100k.{suffix}").read_bytes())
     return root
 
 

@@ -4,6 +4,7 @@ Accuracy metric is RecBole's like AUC."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from recbole.data import data_preparation
 
@@ -36,7 +37,7 @@ def split_rows(model: str, config_dict: dict):
     return dataset, loaders, rows
 
 
-def test_context_and_sequential_models_share_rows_split_and_sample(base_config):
+def test_context_and_sequential_models_share_rows_split_and_sample(base_config, data_path):
     settings = {**base_config, **CTR, "eval_max_interactions": 150}
     flat, _, context_rows = split_rows("DeepFM", settings)
     seq, loaders, sequential_rows = split_rows("DIN", settings)
@@ -45,8 +46,12 @@ def test_context_and_sequential_models_share_rows_split_and_sample(base_config):
     for context_part, sequential_part in zip(context_rows, sequential_rows):
         assert context_part == sequential_part  # same rows, same order, same labels
     train, valid, test = sequential_rows
-    for part in (train, valid, test):  # a total order: time, then user token, then item token
-        assert part == sorted(part, key=lambda row: (row[2], row[0], row[1]))
+    raw = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t", dtype=str)
+    exact = {(u, i): int(t) for u, i, t in zip(raw["user_id:token"], raw["item_id:token"], raw["timestamp:float"])}
+    key = lambda row: (exact[row[0], row[1]], row[0], row[1])  # noqa: E731  (RecBole's float32 rounds to minutes)
+    for part in (train, valid, test):  # an exact total order: file time, then user token, then item token
+        assert part == sorted(part, key=key)
+    assert max(map(key, train)) < min(map(key, valid)) and max(map(key, valid)) < min(map(key, test))
     assert max(t for _, _, t, _ in train) <= min(t for _, _, t, _ in valid + test)  # global temporal split
     # every kept row has >= 5 earlier interactions of its user, and the history holds ratings, never the row's own
     inter = loaders[2].dataset.inter_feat

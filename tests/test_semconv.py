@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from recbole_llm.data.packing import pack_window, prefix_example, sequence_windows
-from recbole_llm.model.semconv import SemConvTrainer, TokenBatch, semantic_ids_dir, training_sequences
+from recbole_llm.llm.examples import TokenBatch
+from recbole_llm.model.semconv import semantic_ids_dir, training_sequences
+from recbole_llm.trainer.llm_trainer import LLMTrainer
 from recbole_llm.quick_start import build_model_and_data, load_model, make_config, run_recbole_llm
 from recbole_llm.settings import SettingError
 
@@ -275,7 +277,7 @@ def test_the_model_learns_to_recall_its_training_targets(semconv_config, learn_d
                 "semconv_task_weights": {"sequential": 1.0}, "semconv_beams": 3}
     config, model, (train, valid, _) = build_semconv(settings, "ml-learn")
     assert _training_recall_at_1(model, train.dataset) < 0.2
-    SemConvTrainer(config, model).fit(train, None, saved=False)
+    LLMTrainer(config, model).fit(train, None, saved=False)
     assert _training_recall_at_1(model, train.dataset) >= 0.8
 
 
@@ -283,7 +285,7 @@ def test_the_model_learns_to_recall_its_training_targets(semconv_config, learn_d
 def test_full_run_and_checkpoint_round_trip_with_codebook_and_code_tokens(semconv_config):
     config, model, (train, valid, test) = build_semconv({**semconv_config, "learning_rate": 0.01})
     fresh_rows = model.llm.get_input_embeddings().new_rows.detach().clone()
-    trainer = SemConvTrainer(config, model)
+    trainer = LLMTrainer(config, model)
     trainer.fit(train, valid, saved=True)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     assert not torch.equal(model.llm.get_input_embeddings().new_rows, fresh_rows)  # code rows trained
@@ -315,7 +317,7 @@ def test_top_k_export_serves_the_evaluated_ranking_and_refuses_a_stale_fingerpri
 
     # 59 + 1 users per batch: a one-row batch once exported user "23" as "2" and "3"
     config, model, (train, valid, test) = build_semconv({**semconv_config, "eval_batch_size": 59})
-    trainer = SemConvTrainer(config, model)
+    trainer = LLMTrainer(config, model)
     trainer.fit(train, valid, saved=True)
     path = export_checkpoint_top_k(trainer.saved_model_file, tmp_path / "top.jsonl", k=5, show_progress=False)
     cache = TopKCache.load(path, checkpoint_fingerprint(trainer.saved_model_file))

@@ -6,8 +6,10 @@ timestamps differently, so even one global temporal split gives the two model fa
 labeled run (``eval_args.mode: labeled``) :func:`labeled_dataset_class` swaps in these subclasses, which
 differ from RecBole's only in what a comparison needs to be fair:
 
-* a total order: sorting by time breaks ties by user token, then item token (RALLRec sorts its samples by
-  ``(timestamp, user, item)``, METHODS.md §2.1), independent of file order and of internal id numbering;
+* an exact total order: sorting by time uses the file's timestamps at full precision (RecBole's float32 rounds
+  Unix seconds to minutes, so later items could enter a history) and breaks ties by user token, then item token
+  (RALLRec sorts its samples by ``(timestamp, user, item)``, METHODS.md §2.1), independent of file order and of
+  internal id numbering;
 * ``min_history_length: k``: only rows with at least k earlier interactions of the same user are kept, in both
   classes (RALLRec drops samples with fewer than 5); a sequential dataset has no row for a user's first
   interaction anyway, so comparing sequential and context models needs k >= 1;
@@ -44,15 +46,35 @@ class _LabeledRows:
         rank[np.argsort(tokens, kind="stable")] = np.arange(len(tokens))
         return rank[values]
 
+    def _change_feat_format(self):
+        # RecBole stores float fields as float32, which rounds Unix timestamps to 64-128 s: within a user, items
+        # rated a minute apart would tie and sort by file order or id, putting later items into a row's history.
+        # The exact order is taken here, from the float64 column, before the conversion.
+        if self.time_field:
+            frame = self.inter_feat
+            users, items = frame[self.uid_field].to_numpy(np.int64), frame[self.iid_field].to_numpy(np.int64)
+            order = np.lexsort((self._token_rank(self.iid_field, items), self._token_rank(self.uid_field, users),
+                                frame[self.time_field].to_numpy(np.float64)))
+            self._pair_base = int(items.max(initial=0)) + 1
+            keys = users * self._pair_base + items
+            by_key = np.argsort(keys, kind="stable")
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            self._pair_keys, self._pair_rank = keys[by_key], rank[by_key]
+        super()._change_feat_format()
+
+    def _exact_rank(self) -> np.ndarray:
+        """Each current row's place in the exact (time, user token, item token) order, found by its (user, item)."""
+        keys = self.inter_feat[self.uid_field].numpy() * self._pair_base + self.inter_feat[self.iid_field].numpy()
+        return self._pair_rank[np.searchsorted(self._pair_keys, keys)]
+
     def sort(self, by, ascending=True):
         by = [by] if isinstance(by, str) else list(by)
-        if self.time_field not in by or ascending is not True:
+        if not self.time_field or self.time_field not in by or ascending is not True:
             return super().sort(by, ascending)
-        keys = by + [f for f in (self.uid_field, self.iid_field) if f and f not in by]
-        columns = []
-        for key in keys:
-            values = self.inter_feat[key].numpy()
-            columns.append(self._token_rank(key, values) if key in (self.uid_field, self.iid_field) else values)
+        # time is replaced by the exact rank, which already breaks ties by user token, then item token
+        columns = [self._exact_rank() if key == self.time_field else self.inter_feat[key].numpy()
+                   for key in by[: by.index(self.time_field) + 1]]
         order = np.lexsort(columns[::-1])  # lexsort's last key is the primary one
         self.inter_feat._reindex(torch.from_numpy(order))
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +31,10 @@ from recbole_llm.data.assets import cache_root, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder
 from recbole_llm.data.packing import pack_window, sequence_windows
 from recbole_llm.llm.backbone import backbone_from_config
-from recbole_llm.llm.generation import beam_search, left_pad, pad_sequences
+from recbole_llm.llm.generation import beam_search, left_pad
 from recbole_llm.llm.new_tokens import add_trainable_tokens
-from recbole_llm.llm.pooling import decoder_and_head, masked_mean
+from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
+from recbole_llm.llm.pooling import mean_pooled_embeddings
 from recbole_llm.registry import register_model
 from recbole_llm.settings import SEMCONV_TASKS as TASKS
 from recbole_llm.settings import SettingError
@@ -76,64 +76,6 @@ def semantic_ids_dir(config) -> Path:
     """Cache folder of this configuration's codes: keyed by every input that shapes them (not the stage-2 keys)."""
     fingerprint = run_fingerprint(config, ignore=STAGE_TWO_KEYS)
     return Path(config["llm_cache_dir"] or cache_root()) / "semantic_ids" / f"{config['dataset']}-{fingerprint}"
-
-
-@torch.no_grad()
-def text_embeddings(llm, tokenizer, texts: list[str], batch_size: int = 32, max_tokens: int = 64) -> torch.Tensor:
-    """Mean-pooled last hidden states of the backbone over each text (METHODS.md §3.2 h^LLM), ``[N, H]``."""
-    decoder, _ = decoder_and_head(llm)
-    device = next(llm.parameters()).device
-    rows = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start: start + batch_size], add_special_tokens=False, truncation=True,
-                            max_length=max_tokens).input_ids
-        ids, mask = pad_sequences([e or [tokenizer.eos_token_id] for e in encoded], tokenizer.pad_token_id,
-                                  device=device)
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows.append(masked_mean(hidden, mask).float().cpu())
-    return torch.cat(rows)
-
-
-# ------------------------------------------------------------------------------------------------ batches
-@dataclass
-class TokenBatch:
-    """Right-padded examples; ``targets`` marks the tokens predicted with loss."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    targets: torch.Tensor
-
-    @classmethod
-    def build(cls, examples: list[tuple[list[int], list[int]]], pad: int, device=None) -> "TokenBatch":
-        ids, mask = pad_sequences([tokens for tokens, _ in examples], pad, device=device)
-        targets, _ = pad_sequences([t for _, t in examples], 0, device=device)
-        return cls(ids, mask, targets)
-
-    def to(self, device):
-        return TokenBatch(self.ids.to(device), self.mask.to(device), self.targets.to(device))
-
-
-class ExampleBatches:
-    """One epoch of alignment examples as batches (a list-like for the trainer), lengths bucketed to save padding."""
-
-    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, pad: int, seed: int):
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(examples))
-        bucket = batch_size * 32
-        batches = []
-        for start in range(0, len(order), bucket):
-            chunk = sorted(order[start: start + bucket], key=lambda i: len(examples[i][0]))
-            batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
-        self.batches = [batches[i] for i in rng.permutation(len(batches))]
-        self.examples, self.pad = examples, pad
-        self.counts: dict[str, int] = {}
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for rows in self.batches:
-            yield TokenBatch.build([self.examples[i] for i in rows], self.pad)
 
 
 class AlignmentTasks:
@@ -211,18 +153,8 @@ def training_sequences(dataset) -> list[list[int]]:
     return [[int(first_items[s])] + targets[s:e].tolist() for s, e in zip(starts, ends)]
 
 
-# ----------------------------------------------------------------------------------------------- trainer
-class SemConvTrainer(LLMTrainer):
-    """LLMTrainer whose epochs are the four alignment tasks' examples instead of RecBole's prefix rows."""
-
-    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        batches = self.model.epoch_batches(train_data.dataset, epoch_idx)
-        self.logger.info(set_color("SemConv tasks", "blue") + f": {batches.counts} examples, {len(batches)} batches")
-        return super()._train_epoch(batches, epoch_idx, loss_func=self.model.batch_loss, show_progress=show_progress)
-
-
 # ------------------------------------------------------------------------------------------------- model
-@register_model(trainer=SemConvTrainer)
+@register_model(trainer=LLMTrainer)
 class SemConv(SequentialRecommender):
     r"""Semantic Convergence: an LLM that reads and writes items as residual-codebook codes.
 
@@ -321,7 +253,7 @@ class SemConv(SequentialRecommender):
         lambda_align = float(config["semconv_lambda_align"])
         text = None
         if lambda_align > 0:
-            text = text_embeddings(self.llm, self.tokenizer, self.item_texts[1:])
+            text = mean_pooled_embeddings(self.llm, self.tokenizer, self.item_texts[1:])
         hidden = int(config["semconv_rq_hidden"])
         code_dim = int(config["semconv_rq_code_dim"])
         codes[1:], stats, codebook = learn_semantic_ids(
@@ -373,9 +305,7 @@ class SemConv(SequentialRecommender):
             tokens += slot + piece
         return tokens
 
-    @staticmethod
-    def _example(prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
-        return prompt + response, [0] * len(prompt) + [1] * len(response)
+    _example = staticmethod(example)
 
     def text_example(self, item: int, title_to_code: bool):
         if title_to_code:
@@ -413,11 +343,7 @@ class SemConv(SequentialRecommender):
 
     def token_losses(self, batch: TokenBatch) -> torch.Tensor:
         """Cross-entropy of every response token (flattened, in order); the LM head runs on those positions only."""
-        decoder, lm_head = decoder_and_head(self.llm)
-        hidden = decoder(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
-        predicts = batch.targets[:, 1:].bool()  # position t predicts token t + 1
-        logits = lm_head(hidden[:, :-1][predicts])
-        return F.cross_entropy(logits.float(), batch.ids[:, 1:][predicts], reduction="none")
+        return response_token_losses(self.llm, batch)
 
     def calculate_loss(self, interaction):
         """Per-prefix loss of RecBole's training rows (the trainer uses the packed tasks; this serves RecBole's API)."""

@@ -3,7 +3,8 @@
 RecBole's ``fit`` loop (validation, early stopping, logging) is kept as is; only its hooks are overridden:
 
 * ``_build_optimizer``: optimises trainable parameters only (LoRA adapters, heads), not the frozen backbone.
-* ``_train_epoch``: gradient accumulation, bf16 autocast where the hardware has native bf16, clipping over trainable parameters,
+* ``_train_epoch``: a model's own examples per epoch when it has ``epoch_batches`` / ``batch_loss``
+  (:mod:`recbole_llm.llm.examples`), gradient accumulation, bf16 autocast where the hardware has native bf16, clipping over trainable parameters,
   a progress bar with the running loss, and token throughput (``model.last_batch_tokens`` if the model sets it).
 * ``_save_checkpoint`` / ``evaluate``: checkpoints are safetensors directories holding only trainable weights
   (see :mod:`recbole_llm.trainer.checkpoint`); nothing is pickled.
@@ -66,6 +67,12 @@ class LLMTrainer(Trainer):
         return super()._build_optimizer(**kwargs)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if loss_func is None and hasattr(self.model, "epoch_batches"):
+            # the model builds its own examples per epoch (recbole_llm.llm.examples) from RecBole's training split
+            batches = self.model.epoch_batches(train_data.dataset, epoch_idx)
+            self.logger.info(set_color(f"{self.config['model']} examples", "blue")
+                             + f": {getattr(batches, 'counts', None) or '-'}, {len(batches)} batches")
+            train_data, loss_func = batches, self.model.batch_loss
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
         n_batches = len(train_data)

@@ -1,0 +1,122 @@
+"""Texts written by the LLM (RALLRec's item descriptions), batched, cached on disk and resumable.
+
+Writing a description for every item is the slowest step before training (minutes on a GPU, tens of minutes on
+a CPU), so it is never repeated and never lost: each finished batch is appended to ``<file>.partial`` (one JSON
+line per text, flushed and synced), an interrupted run continues from the texts already written, and the file
+gets its final name only when every text is in. The caller keys ``file`` by everything that shapes the texts
+(:func:`generation_key`): the prompts themselves, the model and the decoding settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from recbole_llm.llm.generation import left_pad
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How the texts are sampled (RALLRec: temperature 0.8, top-p 0.9, at least 10 new tokens; METHODS.md §2.2)."""
+
+    max_new_tokens: int = 160
+    min_new_tokens: int = 10
+    temperature: float = 0.8
+    top_p: float = 0.9
+    seed: int = 0
+
+    def generation_config(self, tokenizer):
+        from transformers import GenerationConfig
+
+        sample = self.temperature > 0
+        return GenerationConfig(
+            do_sample=sample, temperature=self.temperature if sample else None, top_p=self.top_p if sample else None,
+            top_k=None, num_beams=1, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        )
+
+
+def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
+    """``user`` (and ``system``) in the tokenizer's chat template, ready for the assistant's turn; a tokenizer
+    without a template gets ``system\\n\\nuser\\n``."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (f"{system}\n\n" if system else "") + user + "\n"
+
+
+def generation_key(model_id: str, prompts: list[str], decoding: Decoding) -> str:
+    """Short hash of everything that shapes generated texts: the model, every prompt and the decoding."""
+    digest = hashlib.sha256(json.dumps({"model": model_id, "decoding": asdict(decoding)}, sort_keys=True).encode())
+    for prompt in prompts:
+        digest.update(b"\0" + prompt.encode())
+    return digest.hexdigest()[:16]
+
+
+def clean(text: str) -> str:
+    """RALLRec's post-processing: no newlines, no double quotes, no quotes around the text, single spaces."""
+    return " ".join(text.replace('"', " ").split()).strip("'")
+
+
+def _read_partial(path: Path) -> dict[str, str]:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the interruption: written again
+                continue
+            done[row["key"]] = row["text"]
+    return done
+
+
+def write_texts(llm, tokenizer, prompts: list[str], keys: list[str], file: Path, decoding: Decoding,
+                batch_size: int = 8, progress: bool = True) -> list[str]:
+    """The generated text of each prompt (in ``keys`` order), from ``file`` if it is complete, else generated,
+    continuing from ``file.partial`` where an earlier run stopped."""
+    file = Path(file)
+    if file.is_file():
+        texts = {row["key"]: row["text"] for row in map(json.loads, file.read_text().splitlines())}
+        return [texts[key] for key in keys]
+    partial = file.with_name(file.name + ".partial")
+    done = _read_partial(partial)
+    todo = [i for i, key in enumerate(keys) if key not in done]
+    if done:
+        logger.info("Resuming %s: %d of %d texts already written", partial, len(keys) - len(todo), len(keys))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    config = decoding.generation_config(tokenizer)
+    device = next(llm.parameters()).device
+    todo.sort(key=lambda i: len(prompts[i]))  # similar lengths per batch: less padding
+    was_training = llm.training
+    llm.eval()
+    try:
+        with open(partial, "a") as out, torch.no_grad():
+            for start in tqdm(range(0, len(todo), batch_size), desc="Writing texts", ncols=100,
+                              disable=not progress, total=-(-len(todo) // batch_size)):
+                rows = todo[start: start + batch_size]
+                ids, mask = left_pad(tokenizer([prompts[i] for i in rows], add_special_tokens=False).input_ids,
+                                     tokenizer.pad_token_id, device)
+                torch.manual_seed(decoding.seed + rows[0])  # keyed by item, not by how far an earlier run got
+                generated = llm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                for i, tokens in zip(rows, generated[:, ids.shape[1]:]):
+                    done[keys[i]] = clean(tokenizer.decode(tokens, skip_special_tokens=True))
+                    out.write(json.dumps({"key": keys[i], "text": done[keys[i]]}) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+    finally:
+        llm.train(was_training)
+    lines = "".join(json.dumps({"key": key, "text": done[key]}) + "\n" for key in keys)
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(lines)
+    os.replace(tmp, file)
+    partial.unlink(missing_ok=True)
+    return [done[key] for key in keys]

@@ -1,0 +1,73 @@
+"""Training examples for LLM recommenders: prompt + response token lists, batched, with loss on the response.
+
+A method builds ``(tokens, targets)`` pairs (``targets`` 1 on the response tokens that carry loss), an epoch of
+them becomes :class:`ExampleBatches` (length-bucketed to save padding), and :func:`response_token_losses` runs the
+LM head only on the positions that predict a response token. :class:`recbole_llm.trainer.LLMTrainer` trains any
+model that exposes ``epoch_batches(train_dataset, epoch)`` and ``batch_loss(batch)`` on such batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recbole_llm.llm.generation import pad_sequences
+from recbole_llm.llm.pooling import decoder_and_head
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded examples; ``targets`` marks the tokens predicted with loss."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def build(cls, examples: list[tuple[list[int], list[int]]], pad: int, device=None) -> "TokenBatch":
+        ids, mask = pad_sequences([tokens for tokens, _ in examples], pad, device=device)
+        targets, _ = pad_sequences([t for _, t in examples], 0, device=device)
+        return cls(ids, mask, targets)
+
+    def to(self, device):
+        return TokenBatch(self.ids.to(device), self.mask.to(device), self.targets.to(device))
+
+
+def example(prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
+    """One training example: loss on the ``response`` tokens only."""
+    return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+
+class ExampleBatches:
+    """One epoch of examples as batches (a list-like for the trainer), lengths bucketed to save padding."""
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, pad: int, seed: int):
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(examples))
+        bucket = batch_size * 32
+        batches = []
+        for start in range(0, len(order), bucket):
+            chunk = sorted(order[start: start + bucket], key=lambda i: len(examples[i][0]))
+            batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+        self.batches = [batches[i] for i in rng.permutation(len(batches))]
+        self.examples, self.pad = examples, pad
+        self.counts: dict[str, int] = {}
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for rows in self.batches:
+            yield TokenBatch.build([self.examples[i] for i in rows], self.pad)
+
+
+def response_token_losses(llm, batch: TokenBatch) -> torch.Tensor:
+    """Cross-entropy of every response token (flattened, in order); the LM head runs on those positions only."""
+    decoder, lm_head = decoder_and_head(llm)
+    hidden = decoder(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+    predicts = batch.targets[:, 1:].bool()  # position t predicts token t + 1
+    logits = lm_head(hidden[:, :-1][predicts])
+    return F.cross_entropy(logits.float(), batch.ids[:, 1:][predicts], reduction="none")

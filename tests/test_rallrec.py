@@ -1,0 +1,289 @@
+"""RALLRec on the tiny backbone: description cache and resume, alignment, retrieval without future items, the
+reranker's order, answer tokens, P(Yes), the oracle through RecBole's evaluator, learning, a full labeled run and
+the checkpoint round trip."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recbole_llm.llm.descriptions import Decoding, write_texts
+from recbole_llm.model.rallrec import RALLRec, align_views, pca
+from recbole_llm.quick_start import build_model_and_data, load_model, make_config, run_recbole_llm
+from recbole_llm.retrieval.history import history_similarity, select_history
+from recbole_llm.trainer.llm_trainer import LLMTrainer
+
+from oracle import evaluate_with_recbole
+
+
+@pytest.fixture
+def rallrec_config(base_config) -> dict:
+    return {
+        **base_config,
+        "llm_path": "tiny-random",
+        "llm_dtype": "fp32",
+        "rallrec_descriptions": "template",
+        "rallrec_cf_epochs": 2,
+        "rallrec_ssl_epochs": 20,
+        "rallrec_history_k": 6,
+        "rallrec_train_samples": 48,
+        "train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "eval_max_interactions": 64,
+        "eval_step": 0,
+        "eval_batch_size": 64,
+        "item_text_fields": {"Title": "movie_title", "Genres": "class", "Year": "release_year"},
+        "rallrec_user_fields": {"gender": "gender", "age": "age", "job": "occupation"},
+    }
+
+
+def build_rallrec(config_dict: dict, dataset: str = "ml-tiny"):
+    config = make_config("RALLRec", dataset, config_dict=config_dict)
+    _, loaders, model = build_model_and_data(config)
+    return config, model, loaders
+
+
+def auc(scores, labels) -> float:
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels) > 0.5
+    ranks = scores.argsort().argsort() + 1.0
+    for value in np.unique(scores):  # average ranks of ties
+        ranks[scores == value] = ranks[scores == value].mean()
+    positives = labels.sum()
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * (~labels).sum()))
+
+
+# ------------------------------------------------------------------------------------- retrieval and reranking
+def test_reranker_takes_recent_relevant_items_then_the_latest_rest():
+    similarity = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.0])  # positions 0..7, oldest first
+    # K = 6, alpha = 2/3: the 6 most similar are 0, 2, 4, 6, 5, 3; the K1 = 4 most recent of them, most recent
+    # first: 6, 5, 4, 3; then the K2 = 2 latest of the rest (7, 2), oldest first
+    assert select_history(similarity, 8, 6, "rerank") == [6, 5, 4, 3, 2, 7]
+    assert select_history(similarity, 8, 6, "high") == [0, 2, 4, 6, 5, 3]
+    assert select_history(similarity, 8, 6, "sequential") == [0, 2, 3, 4, 5, 6]
+    assert select_history(similarity, 8, 6, "simple") == [2, 3, 4, 5, 6, 7]
+    assert select_history(similarity, 3, 6, "rerank") == [2, 1, 0]  # short history: all 3, K1 = 2 most recent first
+    assert select_history(similarity, 8, 6, "rerank", alpha=0.0) == [2, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="unknown history selection"):
+        select_history(similarity, 8, 6, "recent")
+
+
+def test_history_similarity_reads_only_each_rows_own_history():
+    vectors = torch.nn.functional.normalize(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    vectors[0] = 0
+    histories = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    scores = history_similarity(vectors, histories, torch.tensor([3, 2]), torch.tensor([7, 8]))
+    assert torch.allclose(scores[0, :3], vectors[[1, 2, 3]] @ vectors[7]) and torch.isinf(scores[1, 2:]).all()
+
+
+def test_prompts_never_show_an_item_from_after_the_scored_interaction(rallrec_config, data_path):
+    config, model, (train, valid, test) = build_rallrec({**rallrec_config, "rallrec_history_k": 30})
+    raw = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t")
+    dataset = test.dataset
+    titles_seen = 0
+    for interaction in (next(iter(test))[0], next(iter(valid))[0]):
+        users = dataset.id2token("user_id", interaction["user_id"].numpy())
+        items = dataset.id2token("item_id", interaction["item_id"].numpy())
+        for row, chosen in enumerate(model.select(interaction, "rerank")):
+            shown = interaction["item_id_list"][row, chosen].numpy()
+            mine = raw[raw["user_id:token"] == int(users[row])]
+            time = mine.loc[mine["item_id:token"] == int(items[row]), "timestamp:float"].iloc[0]
+            later = set(mine.loc[mine["timestamp:float"] > time, "item_id:token"].astype(str))
+            assert not later & set(dataset.id2token("item_id", shown)), "a future item reached the prompt"
+            assert len(chosen) == min(30, int(interaction["item_length"][row]))
+            titles_seen += len(chosen)
+    assert titles_seen > 0
+
+
+# --------------------------------------------------------------------------------------------- representations
+def test_alignment_pulls_the_text_view_onto_the_collaborative_view():
+    generator = torch.Generator().manual_seed(0)
+    colla = torch.randn(300, 16, generator=generator)
+    text = torch.cat([colla @ torch.randn(16, 40, generator=generator), torch.randn(300, 8, generator=generator)], 1)
+    aligned, losses = align_views(text, colla, hidden=64, epochs=60, batch_size=128, seed=0)
+    assert losses[-1] < 0.5 * losses[0]
+    own = (aligned @ torch.nn.functional.normalize(colla, dim=1).T).argmax(1)
+    assert (own == torch.arange(300)).float().mean() > 0.5  # chance: 1/300
+
+
+def test_pca_is_deterministic_and_ordered():
+    x = torch.randn(50, 10, generator=torch.Generator().manual_seed(1))
+    a, b = pca(x, 4), pca(x.clone(), 4)
+    assert a.shape == (50, 4) and torch.equal(a, b) and (a.var(0)[:-1] >= a.var(0)[1:]).all()
+
+
+def test_item_representation_is_the_scaled_mixture_of_three_views(rallrec_config):
+    _, model, _ = build_rallrec(rallrec_config)
+    report = model.representation_report
+    assert report["embedding"] == "mix3" and report["dim"] == 32 + 64 + 64  # tiny backbone: PCA keeps 32
+    assert report["ssl_loss_first_last"][1] < report["ssl_loss_first_last"][0]
+    norms = model.item_vectors.norm(dim=1)
+    assert norms[0] == 0 and torch.allclose(norms[1:], torch.ones(model.n_items - 1), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- descriptions
+class CountingLLM(torch.nn.Module):
+    """A stand-in LLM whose generate writes token i+1 for prompt length i and counts its calls."""
+
+    def __init__(self, interrupt_after: int | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls, self.interrupt_after = 0, interrupt_after
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        self.calls += 1
+        if self.interrupt_after is not None and self.calls > self.interrupt_after:
+            raise KeyboardInterrupt
+        new = attention_mask.sum(1, keepdim=True) % 50 + 10
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_descriptions_are_cached_and_an_interrupted_run_resumes_without_rewriting(tmp_path):
+    from recbole_llm.llm.backbone import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    prompts = [f"Describe movie {'x ' * i}" for i in range(10)]
+    keys = [str(i) for i in range(10)]
+    file = tmp_path / "d.jsonl"
+    interrupted = CountingLLM(interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        write_texts(interrupted, tokenizer, prompts, keys, file, Decoding(temperature=0), batch_size=3,
+                    progress=False)
+    partial = file.with_name(file.name + ".partial")
+    assert not file.exists() and len(partial.read_text().splitlines()) == 6  # two batches kept
+
+    resumed = CountingLLM()
+    texts = write_texts(resumed, tokenizer, prompts, keys, file, Decoding(temperature=0), batch_size=3,
+                        progress=False)
+    assert resumed.calls == 2 and file.is_file() and not partial.exists()  # only the 4 missing texts
+    fresh = CountingLLM()
+    assert write_texts(fresh, tokenizer, prompts, keys, tmp_path / "e.jsonl", Decoding(temperature=0),
+                       batch_size=3, progress=False) == texts  # resuming gave what one run gives
+    again = CountingLLM()
+    assert write_texts(again, tokenizer, prompts, keys, file, Decoding(temperature=0), batch_size=3) == texts
+    assert again.calls == 0 and [json.loads(line)["key"] for line in file.read_text().splitlines()] == keys
+
+
+def test_llm_descriptions_are_keyed_by_their_prompts_and_decoding(rallrec_config):
+    settings = {**rallrec_config, "rallrec_descriptions": "llm", "rallrec_description_tokens": 4,
+                "rallrec_description_batch_size": 64, "rallrec_embedding": "text"}
+    config, model, _ = build_rallrec(settings)
+    folder = config["llm_cache_dir"] or None
+    files = sorted((model._cache(config) / "descriptions").glob("ml-tiny-*.jsonl"))
+    assert len(files) == 1 and len(model.descriptions) == model.n_items and model.descriptions[1]
+    build_rallrec({**settings, "learning_rate": 0.5})  # not an input of the descriptions: reused
+    assert sorted((model._cache(config) / "descriptions").glob("ml-tiny-*.jsonl")) == files
+    build_rallrec({**settings, "rallrec_description_tokens": 3})
+    assert len(list((model._cache(config) / "descriptions").glob("ml-tiny-*.jsonl"))) == 2
+    assert folder is None
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def test_answer_tokens_are_derived_and_must_be_single():
+    from recbole_llm.llm.backbone import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    stub = SimpleNamespace(tokenizer=tokenizer, chat=False)
+    yes, no = RALLRec._answer_ids(stub)
+    assert tokenizer.decode([yes]) == " Yes" and tokenizer.decode([no]) == " No"
+    with pytest.raises(ValueError, match="splits the answer 'Yes'"):
+        RALLRec._answer_ids(SimpleNamespace(tokenizer=tokenizer, chat=True))  # "Yes" is two tiny tokens
+
+
+def test_prompt_has_demographics_stars_and_target(rallrec_config):
+    _, model, (_, _, test) = build_rallrec(rallrec_config)
+    interaction = next(iter(test))[0][:1]
+    text = model.tokenizer.decode(model.prompts(interaction, "rerank")[0])
+    user = test.dataset.id2token("user_id", interaction["user_id"].numpy())[0]
+    profile = pd.read_csv(test.dataset.dataset_path + "/ml-tiny.user", sep="\t", dtype=str)
+    row = profile[profile["user_id:token"] == user].iloc[0]
+    assert f"job is {row['occupation:token']}. " in text and f"age is {row['age:token']}." in text
+    assert " stars)" in text and f"***{model.titles[int(interaction['item_id'][0])]}***" in text
+    assert text.rstrip().endswith("Answer:")
+
+
+def test_oracle_labels_through_predict_and_recboles_evaluator(rallrec_config, monkeypatch):
+    config, model, (_, _, test) = build_rallrec(rallrec_config)
+    truth = {}
+    inter = test.dataset.inter_feat
+    for u, i, y in zip(inter["user_id"].tolist(), inter["item_id"].tolist(), inter["label"].tolist()):
+        truth[(u, i)] = y
+    real = model.yes_probability
+    seen = []
+
+    def oracle(prompts):
+        seen.append(real(prompts))  # the real forward pass still runs on the real prompts
+        return torch.tensor([truth[key] for key in oracle.keys]) * 0.98 + 0.01
+
+    original_prompts = model.prompts
+
+    def prompts(interaction, how):
+        oracle.keys = list(zip(interaction["user_id"].tolist(), interaction["item_id"].tolist()))
+        return original_prompts(interaction, how)
+
+    monkeypatch.setattr(model, "yes_probability", oracle)
+    monkeypatch.setattr(model, "prompts", prompts)
+    result = evaluate_with_recbole(config, model, test)
+    assert result["auc"] == 1.0 and result["accuracy"] == 1.0 and result["logloss"] < 0.02
+    scores = torch.cat(seen)
+    assert len(scores) == 64 and ((scores > 0) & (scores < 1)).all()  # P(Yes) of the real model, in (0, 1)
+
+
+@pytest.fixture(scope="module")
+def learn_data(tmp_path_factory, data_path):
+    """30 users whose labels follow a rule a tiny model can read from the prompt: the target is liked exactly
+    when its title starts with a letter in the first half of the alphabet (ratings rewritten accordingly)."""
+    root = tmp_path_factory.mktemp("learn")
+    (root / "ml-learn").mkdir()
+    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t")
+    items = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.item", sep="\t", dtype=str)
+    first = dict(zip(items["item_id:token"].astype(int), items["movie_title:token_seq"].str[0].str.upper()))
+    inter = inter[inter["user_id:token"] <= 30]
+    inter["rating:float"] = np.where(inter["item_id:token"].map(first) <= "L", 5, 1)
+    inter.to_csv(root / "ml-learn" / "ml-learn.inter", sep="\t", index=False)
+    for suffix in ("item", "user"):
+        (root / "ml-learn" / f"ml-learn.{suffix}").write_bytes((data_path / "ml-tiny" / f"ml-tiny.{suffix}").read_bytes())
+    return root
+
+
+def test_the_model_learns_its_training_labels(rallrec_config, learn_data):
+    settings = {**rallrec_config, "data_path": str(learn_data), "learning_rate": 0.003, "epochs": 40,
+                "rallrec_train_samples": 64, "rallrec_train_prompts": ["simple"], "rallrec_history_k": 2,
+                "lora_r": 0}
+    config, model, (train, _, _) = build_rallrec(settings, "ml-learn")
+    examples = model.training_examples(train.dataset)
+    labels = [tokens[-2] == model.yes for tokens, _ in examples]
+    prompts = [tokens[:-2] for tokens, _ in examples]
+    model.eval()
+    before = auc(model.yes_probability(prompts).numpy(), labels)
+    LLMTrainer(config, model).fit(train, None, saved=False)
+    model.eval()
+    after = auc(model.yes_probability(prompts).numpy(), labels)
+    assert after > 0.8 and after > before + 0.2, (before, after)
+
+
+# ------------------------------------------------------------------------------------- run and round trip
+def test_full_run_and_checkpoint_round_trip(rallrec_config):
+    config, model, (train, valid, test) = build_rallrec({**rallrec_config, "learning_rate": 0.01})
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
+    trainer = LLMTrainer(config, model)
+    trainer.fit(train, valid, saved=True)
+    assert fresh and not all(torch.equal(model.state_dict()[k], v) for k, v in fresh.items())  # LoRA trained
+    interaction = next(iter(test))[0]
+    model.eval()
+    expected = model.predict(interaction)
+    _, reloaded, _, _, _, reloaded_test = load_model(trainer.saved_model_file)
+    with torch.no_grad():
+        actual = reloaded.predict(next(iter(reloaded_test))[0])
+    assert torch.equal(actual, expected)
+
+
+def test_run_recbole_llm_reports_ctr_metrics_on_the_sampled_rows(rallrec_config):
+    record = run_recbole_llm("RALLRec", "ml-tiny", config_dict=rallrec_config)
+    assert set(record["test_result"]) == {"auc", "logloss", "accuracy"} and record["test_rows"] == 64
+    report = record["model_report"]
+    assert report["train_prompts"] == 48 and report["score_prompts_per_second"] > 0
