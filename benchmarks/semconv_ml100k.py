@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import recbole_llm  # noqa: F401  (compat shims first)
-from recbole_llm.quick_start import comparison_protocol, comparison_table, git_commit, make_config, run_in_comparison
+from recbole_llm.quick_start import comparison_protocol, make_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calrec_ml100k import machine  # noqa: E402
+from common import filter_runs, run_and_report  # noqa: E402
 
 BASELINES = ["Pop", "SASRec", "BERT4Rec", "CALRec"]
 PROTOCOL = {"metrics": ["Recall", "NDCG"], "topk": [5, 10], "valid_metric": "NDCG@10"}
@@ -93,26 +93,12 @@ def main(argv=None) -> None:
     for part, part_runs in semconv_runs(weights).items():
         if part in parts:
             runs += [(label, "SemConv", {**semconv, **overrides}) for label, overrides in part_runs]
-    if args.runs:
-        runs = [run for run in runs if any(text in run[0] for text in args.runs)]
-        if not runs:
-            parser.error(f"no run label contains any of {args.runs}; see semconv_runs() for the labels")
+    runs = filter_runs(parser, runs, args.runs)
+    title = (f"SemConv vs RecBole sequential models on {args.dataset} (preset: {args.preset}, SemConv: "
+             f"{args.semconv_preset or args.preset})")
+    run_and_report(runs, args.dataset, protocol, script="benchmarks/semconv_ml100k.py", argv=argv,
+                   results=args.results, out=args.out, title=title, details=details, machine=machine())
 
-    started, commit = time.strftime("%Y-%m-%d %H:%M"), git_commit()
-    command = "python benchmarks/semconv_ml100k.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    records = []
-    for label, model, settings in runs:  # the report is rewritten after every run: an interruption keeps it
-        records.append(run_in_comparison(model, args.dataset, protocol, config_dict=settings,
-                                         results_path=args.results, label=label))
-        report = (
-            f"SemConv vs RecBole sequential models on {args.dataset} (preset: {args.preset}, SemConv: "
-            f"{args.semconv_preset or args.preset})\n\n"
-            f"- command: `{command.strip()}`\n- commit: {commit}\n- machine: {machine()}\n- started: {started}\n"
-            f"- protocol: {protocol}\n\n{comparison_table(records)}\n\n{details(records)}\n"
-        )
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
-    print(report)
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.utils import InputType, set_color
+from recbole.utils import InputType
 from safetensors.torch import load_file, save_file
 from torch import nn
 
