@@ -287,3 +287,21 @@ def test_run_recbole_llm_reports_ctr_metrics_on_the_sampled_rows(rallrec_config)
     assert set(record["test_result"]) == {"auc", "logloss", "accuracy"} and record["test_rows"] == 64
     report = record["model_report"]
     assert report["train_prompts"] == 48 and report["score_prompts_per_second"] > 0
+
+
+def test_qlora_4bit_backbone_trains_and_scores(rallrec_config, tmp_path):
+    import bitsandbytes as bnb
+
+    from recbole_llm.llm.backbone import materialize_tiny_random
+
+    wide = materialize_tiny_random(tmp_path / "tiny-64", hidden_size=64, intermediate_size=128)
+    settings = {**rallrec_config, "llm_path": str(wide), "llm_quantization": "4bit", "rallrec_train_samples": 16,
+                "rallrec_embedding": "text", "learning_rate": 0.01}
+    config, model, (train, _, test) = build_rallrec(settings)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.llm.modules())
+    lora = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
+    LLMTrainer(config, model).fit(train, None, saved=False)
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in lora.items())
+    model.eval()
+    p = model.predict(next(iter(test))[0])
+    assert len(p) == 64 and ((p > 0) & (p < 1)).all()

@@ -231,6 +231,14 @@ def autocast_dtype(dtype: str, device) -> torch.dtype | None:
     return None
 
 
+def autocast(dtype: str, device):
+    """The mixed-precision context for running a backbone loaded with ``llm_dtype=dtype`` on ``device``
+    (:func:`autocast_dtype`; a no-op where it gives None)."""
+    device = torch.device(device)
+    chosen = autocast_dtype(dtype, device)
+    return torch.autocast(device.type, dtype=chosen, enabled=chosen is not None)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Weight dtype for ``llm_dtype``; ``auto`` is bf16 on a GPU that supports it, else fp32 (see :func:`autocast_dtype`)."""
     if dtype == "auto":

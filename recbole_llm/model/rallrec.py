@@ -31,7 +31,7 @@ from torch import nn
 from recbole_llm.collaborative import collaborative_item_embeddings
 from recbole_llm.data.assets import cache_root, minilm_dir, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
-from recbole_llm.llm.backbone import backbone_from_config
+from recbole_llm.llm.backbone import autocast, backbone_from_config
 from recbole_llm.llm.descriptions import Decoding, chat_prompt, generation_key, write_texts
 from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
 from recbole_llm.llm.generation import left_pad
@@ -251,9 +251,10 @@ class RALLRec(SequentialRecommender):
         key = generation_key(model_id, prompts, decoding)
         file = self._cache(config) / "descriptions" / f"{config['dataset']}-{key}.jsonl"
         tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field][1:]]
-        texts = write_texts(self.llm, self.tokenizer, prompts, tokens, file, decoding,
-                            batch_size=int(config["rallrec_description_batch_size"]),
-                            progress=bool(config["show_progress"]))
+        with autocast(config["llm_dtype"] or "auto", config["device"]):  # bf16 where the hardware has it
+            texts = write_texts(self.llm, self.tokenizer, prompts, tokens, file, decoding,
+                                batch_size=int(config["rallrec_description_batch_size"]),
+                                progress=bool(config["show_progress"]))
         return [""] + texts
 
     def _text_vectors(self, config) -> torch.Tensor:
@@ -266,8 +267,12 @@ class RALLRec(SequentialRecommender):
         progress = bool(config["show_progress"])
         if encoder == "minilm":
             return _cached_tensor(file, lambda: minilm_embeddings(texts, progress=progress))
-        return _cached_tensor(file, lambda: mean_pooled_embeddings(self.llm, self.tokenizer, texts, batch_size=16,
-                                                                   max_tokens=256, progress=progress))
+        def embed():
+            with autocast(config["llm_dtype"] or "auto", config["device"]):
+                return mean_pooled_embeddings(self.llm, self.tokenizer, texts, batch_size=16, max_tokens=256,
+                                              progress=progress)
+
+        return _cached_tensor(file, embed)
 
     def _item_vectors(self, config, dataset) -> tuple[torch.Tensor, dict]:
         """The retrieval representation of every item (row 0 zeros), and what went into it."""
