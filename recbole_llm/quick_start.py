@@ -279,7 +279,8 @@ def _format_value(value, digits: int = 4) -> str:
 
 
 def comparison_table(records) -> str:
-    """Markdown table, one column per model: valid and test metrics, train/eval seconds, peak memory.
+    """Markdown table, one column per model: valid and test metrics, test rows scored (users for full ranking,
+    labeled rows for CTR), train/eval seconds, peak memory.
 
     The best test value of each metric is in bold (for metrics where smaller is better, the smallest).
     """
@@ -298,10 +299,11 @@ def comparison_table(records) -> str:
                 for v in values
             ]
             lines.append(f"| {split} {metric} | " + " | ".join(cells) + " |")
-    for label, key in (("train s", "train_seconds"), ("eval s", "eval_seconds"),
+    for label, key in (("test rows", "test_rows"), ("train s", "train_seconds"), ("eval s", "eval_seconds"),
                        ("peak RSS MiB", "peak_rss_mib"), ("peak GPU MiB", "peak_gpu_mib")):
         if any(r.get(key) is not None for r in records):
-            lines.append(f"| {label} | " + " | ".join(_format_value(r.get(key), 1) for r in records) + " |")
+            digits = 0 if key == "test_rows" else 1
+            lines.append(f"| {label} | " + " | ".join(_format_value(r.get(key), digits) for r in records) + " |")
     return "\n".join(lines)
 
 

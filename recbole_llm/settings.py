@@ -290,6 +290,7 @@ MODEL_KEYS["RALLRec"] = {
     "rallrec_train_samples": integer(1),
     "rallrec_score_batch_size": integer(1),
     "rallrec_user_fields": string_mapping("{gender: gender, age: age, job: occupation}"),
+    "rallrec_user_values": mapping("{age: {1: under 18}}"),
 }
 
 

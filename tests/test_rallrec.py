@@ -305,3 +305,17 @@ def test_qlora_4bit_backbone_trains_and_scores(rallrec_config, tmp_path):
     model.eval()
     p = model.predict(next(iter(test))[0])
     assert len(p) == 64 and ((p > 0) & (p < 1)).all()
+
+
+def test_coded_demographics_are_spelled_out(rallrec_config, data_path, tmp_path):
+    folder = tmp_path / "ml-coded"
+    folder.mkdir()
+    for suffix in ("inter", "item"):
+        (folder / f"ml-coded.{suffix}").write_bytes((data_path / "ml-tiny" / f"ml-tiny.{suffix}").read_bytes())
+    users = pd.DataFrame({"user_id:token": range(1, 61), "age:float": 25.0, "gender:token": "M",
+                          "occupation:float": 10.0})
+    users.to_csv(folder / "ml-coded.user", sep="\t", index=False)
+    settings = {**rallrec_config, "data_path": str(tmp_path), "rallrec_embedding": "text",
+                "rallrec_user_values": {"age": {25: "25-34"}, "job": {10: "K-12 student"}}}
+    _, model, _ = build_rallrec(settings, "ml-coded")
+    assert model.users[1] == ("The user is a male. His job is K-12 student. His age is 25-34.", "he")

@@ -191,7 +191,7 @@ class RALLRec(SequentialRecommender):
         self.descriptions = self._descriptions(config, dataset)
         vectors, self.representation_report = self._item_vectors(config, dataset)
         self.register_buffer("item_vectors", vectors)  # [n_items, d], L2-normalised rows
-        self._train_examples = None
+        self._train_examples, self._train_source = None, None
         self.last_batch_tokens = 0
         self.scored_rows, self.scoring_seconds = 0, 0.0
 
@@ -223,7 +223,14 @@ class RALLRec(SequentialRecommender):
         if missing:
             raise KeyError(f"rallrec_user_fields names {missing}, not columns of {source} ({list(table.columns)})")
         records = table.to_dict("index")
-        value = lambda row, key: str(row.get(fields.get(key, ""), "") or "").strip()  # noqa: E731
+        words = {key: {str(code): str(word) for code, word in codes.items()}
+                 for key, codes in dict(config["rallrec_user_values"] or {}).items()}
+
+        def value(row, key):  # the file's value, spelled out where the dataset maps its codes to words
+            raw = str(row.get(fields.get(key, ""), "") or "").strip()
+            raw = raw[:-2] if raw.endswith(".0") else raw  # "25.0" (a float column) is code 25
+            return words.get(key, {}).get(raw, raw)
+
         profiles = [anonymous]
         for token in tokens[1:]:
             row = records.get(str(token), {})
