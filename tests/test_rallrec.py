@@ -202,8 +202,15 @@ def test_prompt_has_demographics_stars_and_target(rallrec_config):
     profile = pd.read_csv(test.dataset.dataset_path + "/ml-tiny.user", sep="\t", dtype=str)
     row = profile[profile["user_id:token"] == user].iloc[0]
     assert f"job is {row['occupation:token']}. " in text and f"age is {row['age:token']}." in text
-    assert " stars)" in text and f"***{model.titles[int(interaction['item_id'][0])]}***" in text
-    assert text.rstrip().endswith("Answer:")
+    assert f"***{model.titles[int(interaction['item_id'][0])]}***" in text and text.rstrip().endswith("Answer:")
+    # every shown item carries the user's own rating of it, from the raw file
+    raw = pd.read_csv(test.dataset.dataset_path + "/ml-tiny.inter", sep="\t", dtype=str)
+    mine = raw[raw["user_id:token"] == user].set_index("item_id:token")["rating:float"]
+    chosen = model.select(interaction, "rerank")[0]
+    shown = test.dataset.id2token("item_id", interaction["item_id_list"][0, chosen].numpy())
+    expected = [f"{model.titles[int(i)]} ({int(float(mine[t]))} star{'' if mine[t] == '1' else 's'})"
+                for i, t in zip(interaction["item_id_list"][0, chosen].tolist(), shown)]
+    assert str(expected) in text and len(expected) == 6
 
 
 def test_oracle_labels_through_predict_and_recboles_evaluator(rallrec_config, monkeypatch):
