@@ -326,3 +326,19 @@ def test_coded_demographics_are_spelled_out(rallrec_config, data_path, tmp_path)
                 "rallrec_user_values": {"age": {25: "25-34"}, "job": {10: "K-12 student"}}}
     _, model, _ = build_rallrec(settings, "ml-coded")
     assert model.users[1] == ("The user is a male. His job is K-12 student. His age is 25-34.", "he")
+
+
+def test_minilm_text_encoder_option():
+    from recbole_llm.model.rallrec import minilm_embeddings
+
+    vectors = minilm_embeddings(["A space opera with starships and laser battles.",
+                                 "Starships fight laser battles in a galaxy far away.",
+                                 "A quiet romance in a small French village."])
+    assert vectors.shape == (3, 384) and torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > similarity[0, 2] + 0.2  # a real sentence encoder, not random weights
+
+
+def test_minilm_encoder_feeds_the_text_view(rallrec_config):
+    _, model, _ = build_rallrec({**rallrec_config, "rallrec_text_encoder": "minilm", "rallrec_embedding": "text"})
+    assert model.representation_report["dim"] == 128  # PCA-128 of MiniLM's 384-d vectors (the tiny LLM has 32)
