@@ -10,10 +10,13 @@ from recbole_llm.quick_start import comparison_table, git_commit, run_in_compari
 
 
 def filter_runs(parser, runs: list[tuple[str, str, dict]], texts: list[str]) -> list[tuple[str, str, dict]]:
-    """The runs whose label contains one of ``texts`` (all without any); an empty choice is a usage error."""
+    """The runs chosen by ``texts`` (all without any): a text picks the run with exactly that label, else every run
+    whose label contains it; an empty choice is a usage error."""
     if not texts:
         return runs
-    chosen = [run for run in runs if any(text in run[0] for text in texts)]
+    labels = {run[0] for run in runs}
+    picks = lambda text, label: label == text if text in labels else text in label  # noqa: E731
+    chosen = [run for run in runs if any(picks(text, run[0]) for text in texts)]
     if not chosen:
         parser.error(f"no run label contains any of {texts}; the labels are: {[run[0] for run in runs]}")
     return chosen
