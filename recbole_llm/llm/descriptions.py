@@ -40,7 +40,8 @@ class Decoding:
         sample = self.temperature > 0
         return GenerationConfig(
             do_sample=sample, temperature=self.temperature if sample else None, top_p=self.top_p if sample else None,
-            top_k=None, num_beams=1, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+            top_k=None, num_beams=1, max_new_tokens=self.max_new_tokens,
+            min_new_tokens=min(self.min_new_tokens, self.max_new_tokens),
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
         )
 
