@@ -56,8 +56,12 @@ def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
 
 
 def generation_key(model_id: str, prompts: list[str], decoding: Decoding) -> str:
-    """Short hash of everything that shapes generated texts: the model, every prompt and the decoding."""
-    digest = hashlib.sha256(json.dumps({"model": model_id, "decoding": asdict(decoding)}, sort_keys=True).encode())
+    """Short hash of everything that shapes generated texts: the model, every prompt, the decoding and the
+    recbole_llm version (the code that writes and cleans them)."""
+    import recbole_llm
+
+    payload = {"model": model_id, "decoding": asdict(decoding), "recbole_llm": recbole_llm.__version__}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     for prompt in prompts:
         digest.update(b"\0" + prompt.encode())
     return digest.hexdigest()[:16]

@@ -265,15 +265,20 @@ class RALLRec(SequentialRecommender):
         return [""] + texts
 
     def _text_vectors(self, config) -> torch.Tensor:
+        """The text view's input: each description's embedding, cached by the texts, the encoder and the version."""
+        import recbole_llm
+
         encoder = config["rallrec_text_encoder"]
         texts = self.descriptions[1:]
         model_id = (f"{config['llm_path']}|{config['llm_dtype']}|{config['llm_quantization']}"
                     if encoder == "llm" else "minilm")
-        digest = hashlib.sha256("\0".join([encoder, model_id, *texts]).encode()).hexdigest()[:16]
+        inputs = [recbole_llm.__version__, encoder, model_id, *texts]
+        digest = hashlib.sha256("\0".join(inputs).encode()).hexdigest()[:16]
         file = self._cache(config) / "text_embeddings" / digest / "vectors.safetensors"
         progress = bool(config["show_progress"])
         if encoder == "minilm":
             return _cached_tensor(file, lambda: minilm_embeddings(texts, progress=progress))
+
         def embed():
             with autocast(config["llm_dtype"] or "auto", config["device"]):
                 return mean_pooled_embeddings(self.llm, self.tokenizer, texts, batch_size=16, max_tokens=256,
