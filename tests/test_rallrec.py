@@ -342,3 +342,12 @@ def test_minilm_text_encoder_option():
 def test_minilm_encoder_feeds_the_text_view(rallrec_config):
     _, model, _ = build_rallrec({**rallrec_config, "rallrec_text_encoder": "minilm", "rallrec_embedding": "text"})
     assert model.representation_report["dim"] == 128  # PCA-128 of MiniLM's 384-d vectors (the tiny LLM has 32)
+
+
+def test_full_ranking_is_refused_with_the_fix(rallrec_config):
+    full = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None, "mode": "full"}
+    from recbole_llm.settings import SettingError
+
+    with pytest.raises(SettingError, match="not the whole catalogue.*mode: labeled"):
+        build_rallrec({**rallrec_config, "eval_args": full, "metrics": ["Recall"], "valid_metric": "Recall@10",
+                       "eval_max_interactions": None, "min_history_length": 0, "threshold": None})

@@ -38,6 +38,7 @@ from recbole_llm.llm.generation import left_pad
 from recbole_llm.llm.pooling import decoder_and_head, masked_mean, mean_pooled_embeddings
 from recbole_llm.model.losses import info_nce
 from recbole_llm.registry import register_model
+from recbole_llm.settings import SettingError
 from recbole_llm.retrieval.history import history_similarity, select_history
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 
@@ -161,6 +162,13 @@ class RALLRec(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        full = [phase for phase, mode in config["eval_args"]["mode"].items() if mode == "full"]
+        if full:  # RecBole would fall back to predict() on every (user, item): one LLM prompt per catalogue item
+            raise SettingError(
+                f"RALLRec scores given (user, item) rows, not the whole catalogue, but eval_args.mode is full for "
+                f"{' and '.join(full)}. Use its labeled protocol (the default of properties/model/RALLRec.yaml: "
+                "--eval_args=\"{split: {RS: [0.8, 0.1, 0.1]}, order: TO, group_by: ~, mode: labeled}\") or a "
+                "sampled one (mode: uni100).")
         self.k = int(config["rallrec_history_k"])
         self.alpha = float(config["rallrec_alpha"])
         self.prompt_selection = config["rallrec_prompt"]
@@ -411,10 +419,6 @@ class RALLRec(SequentialRecommender):
         self.scored_rows += len(probability)
         self.scoring_seconds += time.perf_counter() - start
         return probability
-
-    def full_sort_predict(self, interaction):
-        raise NotImplementedError("RALLRec is a CTR model: evaluate it with eval_args.mode: labeled (AUC, LogLoss, "
-                                  "Accuracy); it scores given (user, item) rows, not the whole catalogue.")
 
     def run_report(self) -> dict:
         return {**self.representation_report,
