@@ -91,10 +91,15 @@ def _write_table(args, records, note: str = "") -> None:
     table = quick_start.comparison_table(records)
     protocol = records[0]["protocol"]
     models = ", ".join(record["model"] for record in records)
+    modes = set(protocol["eval_args"]["mode"].values())
+    if modes == {"labeled"}:  # CTR rows: no ranking, so no history exclusion; the rows kept and scored instead
+        rows = (f"label {protocol.get('threshold')}, rows with >= {protocol.get('min_history_length') or 0} earlier "
+                f"interactions, {records[0]['test_rows']} test rows")
+    else:
+        rows = f"history {'excluded' if protocol['exclude_history'] else 'kept'} in the ranking"
     header = (
         f"{models} on {args.dataset} | split {protocol['eval_args']['split']}, "
-        f"order {protocol['eval_args']['order']}, mode {protocol['eval_args']['mode']}, "
-        f"history {'excluded' if protocol['exclude_history'] else 'kept'} in the ranking | "
+        f"order {protocol['eval_args']['order']}, mode {protocol['eval_args']['mode']}, {rows} | "
         f"recbole_llm {recbole_llm.__version__}, commit {records[0]['commit'] or 'unknown'}, "
         f"device {records[0]['device']}" + (f" | {note}" if note else "")
     )

@@ -80,3 +80,19 @@ def test_accuracy_is_a_recbole_value_metric(base_config):
     result = record["test_result"]
     assert set(result) == {"auc", "logloss", "accuracy"} and 0 < result["accuracy"] < 1
     assert record["protocol"]["min_history_length"] == 5 and record["protocol"]["threshold"] == {"rating": 4}
+
+
+def test_cli_table_header_states_the_labeled_protocol(base_config, data_path):
+    from pathlib import Path
+
+    from recbole_llm.cli import main
+
+    flags = [f"--{k}={v}" for k, v in {"data_path": data_path, "gpu_id": "''", "state": "ERROR", "epochs": 1,
+                                        "show_progress": False, "eval_max_interactions": 80}.items()]
+    ctr = ['--eval_args={split: {RS: [0.8, 0.1, 0.1]}, order: TO, group_by: ~, mode: labeled}',
+           "--threshold={rating: 4}", "--metrics=[AUC,LogLoss,Accuracy]", "--valid_metric=AUC",
+           "--min_history_length=5", "--load_col={inter: [user_id, item_id, rating, timestamp]}"]
+    assert main(["--model=LR,FM", "--dataset=ml-tiny", "--table=ctr.md", *flags, *ctr]) == 0
+    header = Path("ctr.md").read_text().splitlines()[0]
+    assert "label {'rating': 4}, rows with >= 5 earlier interactions, 80 test rows" in header
+    assert "in the ranking" not in header
