@@ -15,7 +15,6 @@ collaborative one by self-supervision) and reranked for recency; LoRA tunes the 
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import time
 from pathlib import Path
@@ -41,8 +40,6 @@ from recbole_llm.registry import register_model
 from recbole_llm.settings import SettingError
 from recbole_llm.retrieval.history import history_similarity, select_history
 from recbole_llm.trainer.llm_trainer import LLMTrainer
-
-logger = logging.getLogger(__name__)
 
 # [CODE rag/get_text_description.py] (the typo "asistant" is the official code's)
 DESCRIPTION_SYSTEM = "You are a friendly and helpful asistant who always responds to the query from users"
@@ -249,6 +246,11 @@ class RALLRec(SequentialRecommender):
             profiles.append((" ".join(parts), subject))
         return profiles
 
+    @staticmethod
+    def _backbone_id(config) -> str:
+        """What identifies the backbone's outputs in cache keys: its path or alias, dtype and quantization."""
+        return f"{config['llm_path']}|{config['llm_dtype']}|{config['llm_quantization']}"
+
     def _cache(self, config) -> Path:
         return Path(config["llm_cache_dir"] or cache_root())
 
@@ -262,8 +264,7 @@ class RALLRec(SequentialRecommender):
         decoding = Decoding(max_new_tokens=int(config["rallrec_description_tokens"]),
                             temperature=float(config["rallrec_description_temperature"]),
                             top_p=float(config["rallrec_description_top_p"]), seed=self.seed)
-        model_id = f"{config['llm_path']}|{config['llm_dtype']}|{config['llm_quantization']}"
-        key = generation_key(model_id, prompts, decoding)
+        key = generation_key(self._backbone_id(config), prompts, decoding)
         file = self._cache(config) / "descriptions" / f"{config['dataset']}-{key}.jsonl"
         tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field][1:]]
         with autocast(config["llm_dtype"] or "auto", config["device"]):  # bf16 where the hardware has it
@@ -278,8 +279,7 @@ class RALLRec(SequentialRecommender):
 
         encoder = config["rallrec_text_encoder"]
         texts = self.descriptions[1:]
-        model_id = (f"{config['llm_path']}|{config['llm_dtype']}|{config['llm_quantization']}"
-                    if encoder == "llm" else "minilm")
+        model_id = self._backbone_id(config) if encoder == "llm" else "minilm"
         inputs = [recbole_llm.__version__, encoder, model_id, *texts]
         digest = hashlib.sha256("\0".join(inputs).encode()).hexdigest()[:16]
         file = self._cache(config) / "text_embeddings" / digest / "vectors.safetensors"
