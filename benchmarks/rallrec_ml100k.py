@@ -9,7 +9,7 @@ global temporal 8:1:1 split over rows in exact (time, user, item) order, AUC / L
 of ``eval_max_interactions`` test rows that every model scores. Parts: baselines (RecBole's LR, FM, DeepFM,
 WideDeep, DIN, trained on every training row), RALLRec, ablations (no retrieval = trained and scored on the last K
 items, TALLRec-style;
-text-only and collaborative-only retrieval; no reranker = the K most similar items), and a training-set size curve.
+text-only and collaborative-only retrieval; no reranker = the K most similar items), and a training-set size curve (a quarter and twice the configured prompts).
 The report holds the command, commit and machine, train / scoring prompts per second and peak memory; every
 run's record is appended to a JSON Lines file.
 """
@@ -40,7 +40,7 @@ def rallrec_runs(samples: int) -> dict[str, list[tuple[str, dict]]]:
             ("RALLRec (collaborative-only retrieval)", {"rallrec_embedding": "colla"}),
             ("RALLRec (no reranker)", {"rallrec_prompt": "high"}),
         ],
-        "curve": [(f"RALLRec ({n} prompts)", {"rallrec_train_samples": n}) for n in (samples // 4, samples // 2)],
+        "curve": [(f"RALLRec ({n} prompts)", {"rallrec_train_samples": n}) for n in (samples // 4, samples * 2)],
     }
 
 
