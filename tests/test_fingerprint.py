@@ -102,3 +102,25 @@ def test_edited_data_is_trained_afresh_and_the_old_checkpoint_refuses_it(base_co
     second = [path for path in checkpoints.glob("ToyLLMRec-ml-tiny-*") if path != first]
     assert len(second) == 1
     assert json.loads((second[0] / "last" / "recbole_llm.json").read_text())["epoch"] == 0  # trained, not resumed
+
+
+def test_a_local_backbone_retrained_in_place_is_another_input(base_config, tmp_path):
+    """``llm_path`` names a directory, not its weights: every key (runs, Stage I, RALLRec's descriptions and text
+    embeddings) follows the files' content."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recbole_llm.llm.backbone import materialize_tiny_random
+    from recbole_llm.model.rallrec import RALLRec
+
+    local = materialize_tiny_random(tmp_path / "my-llm")
+    settings = {"llm_path": str(local), "llm_dtype": "fp32", "llm_quantization": "none"}
+    before = _keys(base_config, llm_path=str(local)), RALLRec._backbone_id(settings)
+    assert (_keys(base_config, llm_path=str(local)), RALLRec._backbone_id(settings)) == before
+
+    model = AutoModelForCausalLM.from_pretrained(local)
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.01)
+    model.save_pretrained(local)  # the same path, other weights
+    (run, stage_one), backbone = _keys(base_config, llm_path=str(local)), RALLRec._backbone_id(settings)
+    assert run != before[0][0] and stage_one != before[0][1] and backbone != before[1]

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 ALIASES = ("smollm2-135m", "tiny-random")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZATIONS = ("none", "8bit", "4bit")
-_TINY_RANDOM_VERSION = "v1"
+TINY_RANDOM_VERSION = "v1"
 
 
 class BackboneNotFoundError(OSError):
@@ -56,7 +56,7 @@ def resolve_llm_path(path: str, cache_dir: str | Path | None = None) -> tuple[st
     """Turn ``llm_path`` into something ``from_pretrained`` can load: (local dir or Hub id, local_files_only)."""
     cache = Path(cache_dir) if cache_dir else cache_root()
     if path == "tiny-random":
-        return str(materialize_tiny_random(cache / "backbones" / f"tiny-random-{_TINY_RANDOM_VERSION}")), True
+        return str(materialize_tiny_random(cache / "backbones" / f"tiny-random-{TINY_RANDOM_VERSION}")), True
     if path == "smollm2-135m":
         return str(convert_gguf(smollm2_gguf_path(), cache)), True
     local = Path(path).expanduser()
@@ -72,7 +72,7 @@ def resolve_llm_path(path: str, cache_dir: str | Path | None = None) -> tuple[st
         return str(local), True
     if local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
         raise BackboneNotFoundError(_not_found_message(path, "no such directory"))
-    if _in_hf_cache(path):
+    if hub_snapshot(path):
         return path, True
     if not _hub_reachable():
         raise BackboneNotFoundError(
@@ -89,13 +89,15 @@ def _not_found_message(path: str, reason: str) -> str:
     )
 
 
-def _in_hf_cache(repo_id: str) -> bool:
+def hub_snapshot(repo_id: str) -> str | None:
+    """The commit of ``repo_id``'s snapshot in the local Hugging Face cache, or None when it is not there."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        found = try_to_load_from_cache(repo_id, "config.json")
     except Exception:  # an invalid repo id
-        return False
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

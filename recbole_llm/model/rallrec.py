@@ -39,6 +39,7 @@ from recbole_llm.model.losses import info_nce
 from recbole_llm.registry import register_model
 from recbole_llm.settings import SettingError
 from recbole_llm.retrieval.history import history_similarity, select_history
+from recbole_llm.trainer.fingerprint import backbone_fingerprint
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 
 # [CODE rag/get_text_description.py] (the typo "asistant" is the official code's)
@@ -248,8 +249,8 @@ class RALLRec(SequentialRecommender):
 
     @staticmethod
     def _backbone_id(config) -> str:
-        """What identifies the backbone's outputs in cache keys: its path or alias, dtype and quantization."""
-        return f"{config['llm_path']}|{config['llm_dtype']}|{config['llm_quantization']}"
+        """What identifies the backbone's outputs in cache keys: its content, dtype and quantization."""
+        return f"{backbone_fingerprint(config['llm_path'])}|{config['llm_dtype']}|{config['llm_quantization']}"
 
     def _cache(self, config) -> Path:
         return Path(config["llm_cache_dir"] or cache_root())

@@ -9,17 +9,22 @@ when all three match:
   how many epochs a run may take);
 * the content of the dataset's atomic files (``<data_path>/<dataset>.*``), so the same name in another folder or
   an ``.item`` file edited in place is a different input;
-* the recbole_llm version.
+* the recbole_llm version;
+* for recbole_llm's models, the backbone's content (:func:`backbone_fingerprint`): ``llm_path`` names a model, and a
+  local directory retrained in place or a GGUF file replaced under the same name is another model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from recbole_llm.trainer.checkpoint import to_jsonable
+
+logger = logging.getLogger(__name__)
 
 # Keys that change where, how verbosely or how long a run goes, not what it computes. ``epochs`` is here on
 # purpose: a run with more epochs continues the shorter one's resume checkpoint.
@@ -53,6 +58,37 @@ def data_fingerprint(folder, dataset: str) -> dict[str, str]:
     return {p.name: file_digest(p) for p in files}
 
 
+def backbone_fingerprint(llm_path: str) -> str:
+    """Content key of the backbone ``llm_path`` names (the forms :func:`recbole_llm.llm.backbone.resolve_llm_path`
+    accepts): the bundled aliases by their builder version or GGUF file, a ``.gguf`` file by its content, a local
+    directory by the content of every file in it, a Hub id by the commit of its cached snapshot (the id alone
+    until it is downloaded)."""
+    from recbole_llm.llm import backbone
+
+    if llm_path == "tiny-random":
+        return f"tiny-random-{backbone.TINY_RANDOM_VERSION}"
+    if llm_path == "smollm2-135m":
+        return file_digest(backbone.smollm2_gguf_path())
+    local = Path(llm_path).expanduser()
+    if local.is_file():
+        return file_digest(local)
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in files)
+        if size > 1 << 30:
+            logger.info("Hashing the %.1f GiB of backbone files in %s (once per process)", size / (1 << 30), local)
+        digests = {str(p.relative_to(local)): file_digest(p) for p in files}
+        return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    return backbone.hub_snapshot(llm_path) or llm_path
+
+
+def _reads_backbone(config) -> bool:
+    """recbole_llm's models read ``llm_path``; RecBole's (a baseline, a CF model) carry the key but never load it."""
+    from recbole_llm.registry import get_model
+
+    return bool(config["llm_path"]) and get_model(config["model"]).__module__.startswith("recbole_llm.")
+
+
 def resolved_settings(config, ignore: Iterable[str] = ()) -> dict:
     """The final merged configuration as JSON values, less :data:`VOLATILE_KEYS` and ``ignore``."""
     skipped = VOLATILE_KEYS.union(ignore)
@@ -70,7 +106,7 @@ def input_datasets(config) -> dict[str, Path]:
 
 def run_fingerprint(config, ignore: Iterable[str] = ()) -> str:
     """Short hash of the resolved configuration, the data files (the run's dataset and the model's
-    :func:`input_datasets`) and the package version."""
+    :func:`input_datasets`), the package version and, for recbole_llm's models, the backbone's content."""
     import recbole_llm
 
     data = {config["dataset"]: data_fingerprint(config["data_path"], config["dataset"])}
@@ -81,4 +117,6 @@ def run_fingerprint(config, ignore: Iterable[str] = ()) -> str:
         "data": data,
         "recbole_llm": recbole_llm.__version__,
     }
+    if "llm_path" in config.final_config_dict and _reads_backbone(config):
+        payload["backbone"] = backbone_fingerprint(config["llm_path"])
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
