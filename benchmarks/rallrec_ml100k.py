@@ -8,8 +8,8 @@ Protocol (RALLRec's, recorded with every result): label = rating >= 4, rows with
 global temporal 8:1:1 split over rows in exact (time, user, item) order, AUC / LogLoss / Accuracy on a seeded sample
 of ``eval_max_interactions`` test rows that every model scores. Parts: baselines (RecBole's LR, FM, DeepFM,
 WideDeep, DIN, trained on every training row), RALLRec, ablations (no retrieval = trained and scored on the last K
-items, TALLRec-style;
-text-only and collaborative-only retrieval; no reranker = the K most similar items), and a training-set size curve (a quarter and twice the configured prompts).
+items, TALLRec-style; text-only and collaborative-only retrieval; no reranker = the K most similar items), and a
+training-set size curve (a quarter and twice the configured prompts).
 The report holds the command, commit and machine, train / scoring prompts per second and peak memory; every
 run's record is appended to a JSON Lines file.
 """

@@ -9,6 +9,7 @@ from recbole_llm.llm.backbone import (
     BackboneNotFoundError,
     LoraSpec,
     autocast_dtype,
+    convert_gguf,
     load_backbone,
     materialize_tiny_random,
     resolve_llm_path,
@@ -116,3 +117,24 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_the_loss():
     bf16.backward()
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     assert bf16.item() == pytest.approx(fp32.item(), rel=2e-2)
+
+
+def test_a_gguf_file_changed_anywhere_is_converted_afresh(tmp_path):
+    """The converted directory is keyed by the whole file: same size, same first and last MiB, another byte in the
+    middle (a fine-tune that kept the embeddings and the head) is not served the old conversion."""
+    from recbole_llm.trainer.fingerprint import file_digest
+
+    content = bytearray(torch.randint(0, 256, (3 << 20,), generator=torch.Generator().manual_seed(0),
+                                      dtype=torch.uint8).numpy().tobytes())
+    old, new = tmp_path / "old" / "model.gguf", tmp_path / "new" / "model.gguf"
+    old.parent.mkdir(), new.parent.mkdir()
+    old.write_bytes(content)
+    content[len(content) // 2] ^= 1
+    new.write_bytes(content)
+    converted = tmp_path / "cache" / "backbones" / f"model-{file_digest(old)[:16]}"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")  # old's conversion, already in the cache
+
+    assert convert_gguf(old, tmp_path / "cache") == converted
+    with pytest.raises(ValueError, match="GGUF"):  # not the cached directory: it converts (and these bytes are no GGUF)
+        convert_gguf(new, tmp_path / "cache")

@@ -16,7 +16,6 @@ Options are plain arguments (the library never reads a RecBole Config): dtype, b
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -111,20 +110,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _file_fingerprint(path: Path) -> str:
-    """Cheap content key: size plus hashes of the first and last MiB."""
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
-        digest.update(f.read())
-    return digest.hexdigest()[:16]
-
-
 def convert_gguf(gguf_file: Path, cache: Path) -> Path:
     """Dequantise a GGUF checkpoint once into ``cache/backbones/<name>-<hash>`` (safetensors + tokenizer)."""
+    from recbole_llm.trainer.fingerprint import file_digest  # (the trainer package imports this module)
+
     gguf_file = Path(gguf_file)
-    target = cache / "backbones" / f"{gguf_file.stem}-{_file_fingerprint(gguf_file)}"
+    target = cache / "backbones" / f"{gguf_file.stem}-{file_digest(gguf_file)[:16]}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

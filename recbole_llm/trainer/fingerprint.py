@@ -63,12 +63,13 @@ def backbone_fingerprint(llm_path: str) -> str:
     accepts): the bundled aliases by their builder version or GGUF file, a ``.gguf`` file by its content, a local
     directory by the content of every file in it, a Hub id by the commit of its cached snapshot (the id alone
     until it is downloaded)."""
-    from recbole_llm.llm import backbone
+    from recbole_llm.data.assets import smollm2_gguf_path
+    from recbole_llm.llm.backbone import TINY_RANDOM_VERSION, hub_snapshot
 
     if llm_path == "tiny-random":
-        return f"tiny-random-{backbone.TINY_RANDOM_VERSION}"
+        return f"tiny-random-{TINY_RANDOM_VERSION}"
     if llm_path == "smollm2-135m":
-        return file_digest(backbone.smollm2_gguf_path())
+        return file_digest(smollm2_gguf_path())
     local = Path(llm_path).expanduser()
     if local.is_file():
         return file_digest(local)
@@ -79,14 +80,15 @@ def backbone_fingerprint(llm_path: str) -> str:
             logger.info("Hashing the %.1f GiB of backbone files in %s (once per process)", size / (1 << 30), local)
         digests = {str(p.relative_to(local)): file_digest(p) for p in files}
         return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
-    return backbone.hub_snapshot(llm_path) or llm_path
+    return hub_snapshot(llm_path) or llm_path
 
 
 def _reads_backbone(config) -> bool:
     """recbole_llm's models read ``llm_path``; RecBole's (a baseline, a CF model) carry the key but never load it."""
     from recbole_llm.registry import get_model
 
-    return bool(config["llm_path"]) and get_model(config["model"]).__module__.startswith("recbole_llm.")
+    return bool(config.final_config_dict.get("llm_path")) and get_model(config["model"]).__module__.startswith(
+        "recbole_llm.")
 
 
 def resolved_settings(config, ignore: Iterable[str] = ()) -> dict:
@@ -117,6 +119,6 @@ def run_fingerprint(config, ignore: Iterable[str] = ()) -> str:
         "data": data,
         "recbole_llm": recbole_llm.__version__,
     }
-    if "llm_path" in config.final_config_dict and _reads_backbone(config):
+    if _reads_backbone(config):
         payload["backbone"] = backbone_fingerprint(config["llm_path"])
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
