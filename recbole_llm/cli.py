@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
     """``--key=value`` pairs as RecBole reads them (values are converted by RecBole's Config)."""
+    from recbole_llm.errors import UsageError
+
     overrides, bad = {}, []
     for arg in extra:
         key, sep, value = arg.removeprefix("--").partition("=")
@@ -44,7 +46,9 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
         else:
             overrides[key] = value
     if bad:
-        raise SystemExit(f"error: unrecognised arguments {bad}; config overrides are written --key=value")
+        hint = f" (did you mean --{bad[0].lstrip('-')}?)" if "=" in bad[0] else ""
+        raise UsageError(f"unrecognised argument{'s' if len(bad) > 1 else ''} {' '.join(bad)}{hint}: config "
+                         "overrides are written --key=value")
     return overrides
 
 
@@ -54,14 +58,15 @@ def _stamp() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    overrides = parse_overrides(extra)
 
     from recbole_llm import quick_start
+    from recbole_llm.errors import UsageError
     from recbole_llm.registry import get_model
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     config_files = args.config_files.split() if args.config_files else None
     try:
+        overrides = parse_overrides(extra)
         for name in models:
             get_model(name)
         if args.tune:
@@ -74,11 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         if stop.records:
             _write_table(args, stop.records, note=f"interrupted during {stop.interrupted}: finished runs only")
         return EXIT_INTERRUPTED
-    # Bad input of any kind (settings, model or dataset names, paths, backbones, checkpoints) is one line, exit 2:
-    # these are raised before training, or name the file or key at fault.
-    except (ValueError, KeyError, OSError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    # Bad input (settings, model or dataset names, paths, backbones, checkpoints) is one line, exit 2; anything
+    # else is a bug and keeps its traceback (recbole_llm.errors).
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     _write_table(args, records)
     return 0
@@ -113,13 +117,11 @@ def _write_table(args, records, note: str = "") -> None:
 def _tune(args, models, config_files, overrides) -> int:
     from recbole_llm import quick_start
 
+    from recbole_llm.errors import UsageError
+
     if len(models) != 1:
-        print("error: --tune takes exactly one model", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"--tune takes exactly one model, not {', '.join(models)}")
     params_file = Path(args.tune)
-    if not params_file.is_file():
-        print(f"error: params file {params_file} not found", file=sys.stderr)
-        return EXIT_USAGE
     result = quick_start.tune(
         models[0], args.dataset, params_file, args.tune_algo, args.max_evals, config_files, overrides
     )

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from recbole_llm.data.assets import cache_root, write_dir_atomically
+from recbole_llm.settings import SettingError
 from recbole_llm.trainer.fingerprint import run_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _train(config, table: str) -> tuple[list[str], torch.Tensor]:
     model = get_model(config["model"])(config, train._dataset).to(config["device"])
     module = getattr(model, table, None)
     if not isinstance(module, torch.nn.Embedding):
-        raise ValueError(f"{config['model']} has no item embedding table named {table!r} (an nn.Embedding); set "
+        raise SettingError(f"{config['model']} has no item embedding table named {table!r} (an nn.Embedding); set "
                          "the table name of the CF model, e.g. item_embedding for LightGCN, BPR or NGCF.")
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     logger.info("Training %s for %d epochs on the training split for item embeddings", config["model"],

@@ -11,9 +11,11 @@ RecBole internal (overall -> model -> dataset -> quick_start_config by model typ
 -> ``properties/presets/<Model>-<preset>.yaml`` (with ``--preset=NAME``) -> user config files -> config_dict
 -> command line.
 
-One default differs from RecBole's: sequential models trained with ``loss_type: CE`` (SASRec, BERT4Rec, ...)
-get ``train_neg_sample_args: ~`` in the internal layer, because RecBole 1.2.1's own defaults make them refuse
-to start ("train_neg_sample_args should be None when the loss_type is CE"). A user's setting still wins.
+One default differs from RecBole's: a sequential model whose *resolved* ``loss_type`` is CE (SASRec, BERT4Rec,
+... with their own YAML, or any sequential model given ``--loss_type=CE``) gets ``train_neg_sample_args: ~``,
+because RecBole 1.2.1's own defaults make it refuse to start ("train_neg_sample_args should be None when the
+loss_type is CE"); with ``loss_type: BPR`` RecBole's negative sampling stays. A user's explicit
+``train_neg_sample_args`` still wins.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_llm import settings
+from recbole_llm.errors import UsageError
 from recbole_llm.registry import get_model
 
 
@@ -39,7 +42,7 @@ def properties_dir() -> Path:
     )
 
 
-class UnknownPresetError(ValueError):
+class UnknownPresetError(UsageError, ValueError):
     """``--preset=NAME`` where no ``properties/presets/*-NAME.yaml`` exists."""
 
 
@@ -57,7 +60,12 @@ class Config(RecBoleConfig):
     """RecBole Config that resolves model names through recbole_llm's registry and adds the plugin's YAML."""
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
-        super().__init__(model, dataset, config_file_list, config_dict)
+        try:
+            super().__init__(model, dataset, config_file_list, config_dict)
+        except ValueError as err:  # RecBole's Config raises ValueError only to refuse a setting
+            if isinstance(err, UsageError):
+                raise
+            raise settings.SettingError(f"RecBole refuses the configuration: {err}") from err
         settings.validate(self.final_config_dict, self["model"])
 
     def _convert_config_dict(self, config_dict):
@@ -86,6 +94,11 @@ class Config(RecBoleConfig):
             if layer.parent.name == "dataset":
                 # Dataset keys take part in RecBole's dataset-cache check, so a change invalidates the cache.
                 self.parameters["Dataset"] = self.parameters["Dataset"] + [k for k in added if k not in self.parameters["Dataset"]]
-        internal = self.internal_config_dict
-        if internal.get("MODEL_TYPE") == ModelType.SEQUENTIAL and internal.get("loss_type") == "CE":
-            internal["train_neg_sample_args"] = None
+
+    def _get_final_config_dict(self):
+        final = super()._get_final_config_dict()
+        # decided on the merged layers: the loss type the model will train with, whichever layer set it
+        if (final.get("MODEL_TYPE") == ModelType.SEQUENTIAL and final.get("loss_type") == "CE"
+                and "train_neg_sample_args" not in self.external_config_dict):
+            final["train_neg_sample_args"] = None
+        return final

@@ -43,14 +43,15 @@ def protocol_of(config) -> dict:
 def apply_history_exclusion(config, train_data, valid_data, test_data) -> None:
     """Make the full-sort loaders of valid and test exclude (or keep) history as :func:`excludes_history` says."""
     exclude = excludes_history(config)
-    earlier = [train_data.dataset]
+    # ``_dataset``: every RecBole loader has it (knowledge-aware training loaders have no ``dataset``)
+    earlier = [train_data._dataset]
     for loader in (valid_data, test_data):
         if isinstance(loader, FullSortEvalDataLoader):
             if loader.is_sequential and exclude:
                 _exclude_sequential_history(config, loader, earlier)
             elif not loader.is_sequential and not exclude:
                 _keep_history(loader)
-        earlier.append(loader.dataset)
+        earlier.append(loader._dataset)
 
 
 def _keep_history(loader) -> None:

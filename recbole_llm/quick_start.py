@@ -7,6 +7,7 @@ LLM forward pass on a dummy row for nothing.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import logging
@@ -28,7 +29,8 @@ from recbole_llm.config import Config
 from recbole_llm.data.assets import ensure_dataset_files
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 from recbole_llm.protocol import apply_history_exclusion, protocol_of
-from recbole_llm.settings import closest
+from recbole_llm.errors import UsageError
+from recbole_llm.settings import SettingError, closest
 from recbole_llm.trainer.checkpoint import CheckpointError, load_weights, read_meta, to_jsonable
 from recbole_llm.trainer.fingerprint import resolved_settings, run_fingerprint
 
@@ -116,7 +118,7 @@ def _floats(result) -> dict:
     return {key: float(value) for key, value in (result or {}).items()}
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(UsageError, ValueError):
     """A split that evaluation needs holds no rows."""
 
 
@@ -225,7 +227,7 @@ def comparison_protocol(models, dataset, config_file_list=None, config_dict=None
     eval_types = {c["eval_type"] for c in configs}
     if len(eval_types) > 1:
         kinds = ", ".join(f"{c['model']} ({c['eval_type'].name.lower()})" for c in configs)
-        raise ValueError(
+        raise UsageError(
             f"Cannot compare ranking and value (CTR) models on one table: {kinds}. Compare them separately."
         )
     reference = next((c for c in configs if c["MODEL_TYPE"] == ModelType.SEQUENTIAL), configs[0])
@@ -324,7 +326,8 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_fi
 
     base = {"model": model, "dataset": dataset, **(config_dict or {})}
     config = make_config(model, dataset, config_file_list, config_dict)
-    check_tuned_keys(params_file, config)
+    space = read_params_file(params_file)
+    check_tuned_keys(params_file, space, config)
     os.environ.setdefault("HYPEROPT_FMIN_SEED", str(config["seed"]))  # random / bayes draws are reproducible
 
     trials = []
@@ -337,22 +340,64 @@ def tune(model, dataset, params_file, algo="exhaustive", max_evals=10, config_fi
 
     grid = algo == "exhaustive"
     hyper = HyperTuning(
-        objective, params_file=str(params_file), fixed_config_file_list=config_file_list, algo=algo,
+        objective, space=space, fixed_config_file_list=config_file_list, algo=algo,
         max_evals=max_evals, early_stop=10**9 if grid else early_stop,
     )
     hyper.run()
     return TuningResult(best_params=hyper.best_params, valid_metric=config["valid_metric"], trials=trials)
 
 
-def check_tuned_keys(params_file, config) -> None:
+PARAM_TYPES = {"choice": "a list, e.g. [0.001,0.01]", "uniform": "low,high", "quniform": "low,high,q",
+               "loguniform": "low,high (natural logs)"}
+
+
+def read_params_file(params_file) -> dict:
+    """The hyperopt search space of a RecBole params file (``name type values`` per line, ``#`` comments).
+
+    RecBole ``eval``s each ``choice`` line; here values are parsed as literals only, and a line that does not
+    parse is refused naming the file, the line and the expected form."""
+    from hyperopt import hp
+
+    path = Path(params_file)
+    if not path.is_file():
+        raise UsageError(f"params file {path} not found; write one line per key, e.g. 'learning_rate choice "
+                         "[0.001,0.01]' (RecBole's syntax), as in properties/hyper/.")
+    space = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split(maxsplit=2)
+        kind = parts[1] if len(parts) > 1 else None
+        problem = None
+        if len(parts) < 3 or kind not in PARAM_TYPES:
+            problem = f"expected 'name type values' with type one of {', '.join(PARAM_TYPES)}"
+        else:
+            name, text = parts[0], "".join(parts[2].split())
+            try:
+                value = ast.literal_eval(text if kind == "choice" else f"({text},)")
+            except (ValueError, SyntaxError):
+                value = None
+            if kind == "choice" and isinstance(value, list) and value:
+                space[name] = hp.choice(name, value)
+            elif kind != "choice" and isinstance(value, tuple) and len(value) == (3 if kind == "quniform" else 2) \
+                    and all(isinstance(v, (int, float)) for v in value):
+                space[name] = getattr(hp, kind)(name, *map(float, value))
+            else:
+                problem = f"{kind} takes {PARAM_TYPES[kind]}, not {parts[2].strip()!r}"
+        if problem:
+            raise UsageError(f"{path}:{number}: {line.strip()!r}: {problem}.")
+    if not space:
+        raise UsageError(f"{path} names no parameter to tune; write e.g. 'learning_rate choice [0.001,0.01]'.")
+    return space
+
+
+def check_tuned_keys(params_file, space: dict, config) -> None:
     """Refuse a params file naming a key the model's configuration does not have (a typo would tune nothing)."""
     known = set(config.final_config_dict)
-    names = [line.split()[0] for line in Path(params_file).read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#")]
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in space if name not in known]
     if unknown:
         hints = "; ".join(f"'{name}'{closest(name, known)}" for name in unknown)
-        raise KeyError(f"{params_file} tunes keys that {config['model']} has no setting for: {hints}. "
+        raise SettingError(f"{params_file} tunes keys that {config['model']} has no setting for: {hints}. "
                        "Fix the names (they are the YAML keys of the model, RecBole and recbole_llm).")
 
 

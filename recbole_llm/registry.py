@@ -12,6 +12,8 @@ import importlib
 import importlib.util
 from functools import lru_cache
 
+from recbole_llm.errors import UsageError
+
 _MODELS: dict[str, type] = {}
 _TRAINERS: dict[str, type] = {}
 _DATASETS: dict[str, type] = {}
@@ -26,7 +28,11 @@ _RECBOLE_FAMILIES = (
 )
 
 
-class UnknownModelError(ValueError):
+class MissingPackageError(UsageError, ModuleNotFoundError):
+    """A RecBole model that needs an optional package which is not installed."""
+
+
+class UnknownModelError(UsageError, ValueError):
     """A model name that neither recbole_llm nor RecBole knows."""
 
 
@@ -63,7 +69,7 @@ def get_model(name: str) -> type:
         return recbole_get_model(name)
     except ModuleNotFoundError as err:  # RecBole reached its exlib family, which imports lightgbm / xgboost
         if name.lower() in ("lightgbm", "xgboost"):
-            raise ModuleNotFoundError(f"RecBole's {name} needs the '{err.name}' package: pip install {err.name}") from err
+            raise MissingPackageError(f"RecBole's {name} needs the '{err.name}' package: pip install {err.name}") from err
         plugin, recbole = list_models()
         raise UnknownModelError(_unknown_message(name, plugin, recbole)) from None
     except (ValueError, AttributeError):  # AttributeError: a module exists under another spelling (sasrec)

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from recbole_llm.errors import InputFileError, UsageError
+
 FORMAT = 1
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(UsageError, ValueError):
     """A top-K file made from other inputs (model, configuration, data or version) than the expected ones."""
 
 
@@ -77,10 +80,15 @@ class TopKCache:
     def load(cls, path, fingerprint: str | None) -> "TopKCache":
         """Read ``path``; with a ``fingerprint``, refuse a file exported from other inputs (``None`` skips the
         check, for inspection only)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputFileError(f"{path}: no such top-K export; write one with `python -m recbole_llm.serving "
+                                 "export CHECKPOINT OUT`.")
         with open(path) as f:
-            header = json.loads(f.readline())
+            header = _json_line(path, 1, f.readline())
             if not isinstance(header, dict) or header.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a recbole_llm top-K export (format {FORMAT}).")
+                raise InputFileError(f"{path}:1 is not the header of a recbole_llm top-K export (format {FORMAT}); "
+                                     "export again.")
             if fingerprint is not None and header.get("fingerprint") != fingerprint:
                 raise StaleCacheError(
                     f"{path} holds top-K lists of {header.get('model')} on {header.get('dataset')} with fingerprint "
@@ -89,19 +97,28 @@ class TopKCache:
                     "from the current checkpoint."
                 )
             lists = {}
-            for line in f:
-                row = json.loads(line)
+            for number, line in enumerate(f, start=2):
+                row = _json_line(path, number, line)
+                if not isinstance(row, dict) or not isinstance(row.get("user"), str) \
+                        or not isinstance(row.get("items"), list):
+                    raise InputFileError(f"{path}:{number} is not a user's list ({{\"user\": ..., \"items\": [...]}}); "
+                                         "the export is damaged: export again.")
                 lists[row["user"]] = row["items"]
+        if len(lists) != header.get("users"):
+            raise InputFileError(f"{path} holds {len(lists)} users' lists but its header announces "
+                                 f"{header.get('users')}: the file is truncated. Export again.")
         return cls(header, lists)
 
     def recommend(self, user_id, k: int = 10) -> list[str]:
         """The top ``k`` item tokens for ``user_id`` (a token as in the dataset files)."""
         key = str(user_id)
         if key not in self.lists:
-            raise KeyError(f"user {user_id!r} is not in the top-K export ({len(self.lists)} users)")
-        if k > self.header["k"]:
-            raise ValueError(f"the export holds the top {self.header['k']} items per user, not {k}; export with a "
-                             "larger k")
+            raise UsageError(f"user {user_id!r} is not in the top-K export ({len(self.lists)} users of the "
+                             f"{self.header.get('dataset')} split it was made from, e.g. "
+                             f"{', '.join(list(self.lists)[:3])}); users are written as in the dataset's files.")
+        if not 1 <= k <= self.header["k"]:
+            raise UsageError(f"--k {k}: the export holds the top {self.header['k']} items per user; ask for 1 to "
+                             f"{self.header['k']}, or export again with a larger --k.")
         return self.lists[key][:k]
 
 
@@ -146,12 +163,26 @@ def main(argv=None) -> int:
     serve.add_argument("--k", type=int, default=10)
     serve.add_argument("--checkpoint", help="refuse the export unless it matches this checkpoint's current inputs")
     args = parser.parse_args(argv)
-    if args.command == "export":
-        print(export_checkpoint_top_k(args.checkpoint, args.out, args.k, args.split))
-        return 0
-    fingerprint = checkpoint_fingerprint(args.checkpoint) if args.checkpoint else None
-    print(" ".join(TopKCache.load(args.export, fingerprint).recommend(args.user, args.k)))
+    try:
+        if args.command == "export":
+            if args.k < 1:
+                raise UsageError(f"--k {args.k}: export at least one item per user (e.g. --k 20).")
+            print(export_checkpoint_top_k(args.checkpoint, args.out, args.k, args.split))
+            return 0
+        fingerprint = checkpoint_fingerprint(args.checkpoint) if args.checkpoint else None
+        print(" ".join(TopKCache.load(args.export, fingerprint).recommend(args.user, args.k)))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _json_line(path: Path, number: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"{path}:{number} is not JSON ({err.msg}); the export is damaged or truncated: "
+                             "export again.") from None
 
 
 if __name__ == "__main__":

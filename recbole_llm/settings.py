@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from recbole_llm.errors import UsageError
 
-class SettingError(ValueError):
+
+class SettingError(UsageError, ValueError):
     """A configuration value that recbole_llm refuses, with the key, the value, what is allowed and the fix."""
 
 

@@ -33,7 +33,8 @@ def _ml100k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def data_path(tmp_path_factory) -> Path:
-    """``<data_path>/ml-tiny``: the interactions of ml-100k's first 60 users, and the full item and user files."""
+    """``<data_path>/ml-tiny``: the interactions of ml-100k's first 60 users, and the full item and user files;
+    ``<data_path>/ml-tiny-kg``: the same with ml-100k's ``.kg`` and ``.link`` files."""
     root = tmp_path_factory.mktemp("data")
     folder = root / TINY
     folder.mkdir()
@@ -43,6 +44,13 @@ def data_path(tmp_path_factory) -> Path:
     inter.to_csv(folder / f"{TINY}.inter", sep="\t", index=False)
     for suffix in ("item", "user"):
         (folder / f"{TINY}.{suffix}").write_bytes((source / f"ml-100k.{suffix}").read_bytes())
+    # the same interactions with ml-100k's knowledge graph, for knowledge-aware models
+    kg = root / f"{TINY}-kg"
+    kg.mkdir()
+    for suffix in ("inter", "item", "user"):
+        (kg / f"{TINY}-kg.{suffix}").write_bytes((folder / f"{TINY}.{suffix}").read_bytes())
+    for suffix in ("kg", "link"):
+        (kg / f"{TINY}-kg.{suffix}").write_bytes((source / f"ml-100k.{suffix}").read_bytes())
     return root
 
 

@@ -6,6 +6,7 @@ from recbole.data import create_dataset
 
 from recbole_llm import Config
 from recbole_llm.data import DatasetNotFoundError, ItemTextBuilder, ensure_dataset_files
+from recbole_llm.errors import InputFileError
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_item_text_template_and_missing_values():
 
 def test_item_text_names_unknown_fields():
     table = pd.DataFrame({"sku": ["a"], "name": ["Kettle"]})
-    with pytest.raises(KeyError, match=r"\['title'\].*columns: \['sku', 'name'\]"):
+    with pytest.raises(InputFileError, match=r"\['title'\].*columns: \['sku', 'name'\]"):
         ItemTextBuilder(fields={"Title": "title"}).build_from_table(table, "sku", ["[PAD]", "a"])
 
 

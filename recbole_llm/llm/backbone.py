@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 import torch
 
 from recbole_llm.data.assets import cache_root, smollm2_gguf_path, write_dir_atomically
+from recbole_llm.errors import UsageError
+from recbole_llm.settings import SettingError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 TINY_RANDOM_VERSION = "v1"
 
 
-class BackboneNotFoundError(OSError):
+class BackboneNotFoundError(UsageError, OSError):
     """``llm_path`` names nothing that can be loaded on this machine."""
 
 
@@ -279,7 +281,7 @@ def check_four_bit_shapes(model, device: torch.device) -> None:
         and (module.in_features % FOUR_BIT_BLOCK_IN or module.out_features % FOUR_BIT_BLOCK_OUT)
     ]
     if bad:
-        raise ValueError(
+        raise SettingError(
             f"llm_quantization=4bit: bitsandbytes' CPU kernels need every quantized layer's input features to be a "
             f"multiple of {FOUR_BIT_BLOCK_IN} and its output features a multiple of {FOUR_BIT_BLOCK_OUT}; this "
             f"backbone has {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}. Use llm_quantization=none or 8bit "

@@ -29,6 +29,7 @@ from recbole.utils import InputType, set_color
 
 from recbole_llm.data.domains import DomainMixture, first_token
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
+from recbole_llm.errors import InputFileError
 from recbole_llm.llm.backbone import backbone_from_config
 from recbole_llm.llm.generation import left_pad, pad_sequences, sample_continuations
 from recbole_llm.llm.pooling import decoder_and_head, masked_mean
@@ -489,7 +490,7 @@ def _item_domains(dataset, field: str) -> list[str]:
     source = Path(dataset.dataset_path) / f"{dataset.dataset_name}.item"
     table = read_item_table(source)
     if field not in table.columns:
-        raise KeyError(
+        raise InputFileError(
             f"stage1_domain_field '{field}' is not a column of {source} (columns: {list(table.columns)}). "
             "Set stage1_domain_field to an item field such as a genre or category, or ~ for one domain."
         )

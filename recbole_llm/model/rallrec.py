@@ -30,6 +30,7 @@ from torch import nn
 from recbole_llm.collaborative import collaborative_item_embeddings
 from recbole_llm.data.assets import cache_root, minilm_dir, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
+from recbole_llm.errors import InputFileError
 from recbole_llm.llm.backbone import autocast, backbone_from_config
 from recbole_llm.llm.descriptions import Decoding, chat_prompt, generation_key, write_texts
 from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
@@ -209,7 +210,7 @@ class RALLRec(SequentialRecommender):
         for word in ("Yes", "No"):
             tokens = self.tokenizer(lead + word, add_special_tokens=False).input_ids
             if len(tokens) != 1:
-                raise ValueError(f"the backbone's tokenizer splits the answer {lead + word!r} into {len(tokens)} "
+                raise SettingError(f"llm_path: the backbone's tokenizer splits the answer {lead + word!r} into {len(tokens)} "
                                  f"tokens {tokens}; RALLRec reads P(Yes) from one token. Use a backbone whose "
                                  "tokenizer has single Yes/No tokens (every common chat model has).")
             ids.append(tokens[0])
@@ -227,7 +228,7 @@ class RALLRec(SequentialRecommender):
         table = read_item_table(source).drop_duplicates(dataset.uid_field).set_index(dataset.uid_field)
         missing = [f for f in fields.values() if f not in table.columns]
         if missing:
-            raise KeyError(f"rallrec_user_fields names {missing}, not columns of {source} ({list(table.columns)})")
+            raise InputFileError(f"rallrec_user_fields names {missing}, not columns of {source} ({list(table.columns)})")
         records = table.to_dict("index")
         words = {key: {str(code): str(word) for code, word in codes.items()}
                  for key, codes in dict(config["rallrec_user_values"] or {}).items()}

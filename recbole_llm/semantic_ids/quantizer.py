@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_llm.model.losses import info_nce
+from recbole_llm.settings import SettingError
 
 
 @dataclass
@@ -127,7 +128,7 @@ def train_residual_codebook(items: torch.Tensor, text: torch.Tensor | None, *, l
     from tqdm.auto import tqdm
 
     if len(items) < codebook_size:
-        raise ValueError(
+        raise SettingError(
             f"semconv_codebook_size={codebook_size} is larger than the {len(items)} items to quantize: k-means cannot "
             "place that many centres. Use a smaller codebook (e.g. --semconv_codebook_size=64)."
         )
@@ -198,7 +199,7 @@ def _nearest_free_code(code: torch.Tensor, distances: torch.Tensor, used: set, c
         if len(free):
             best = np.argmin(distances.numpy()[free[:, -1]])  # first (lexicographically) among equals
             return torch.from_numpy(free[best].copy())
-    raise ValueError(
+    raise SettingError(
         f"no free code near {code.tolist()}: the catalogue has nearly as many items as codes. Raise "
         "semconv_codebook_size or semconv_levels."
     )

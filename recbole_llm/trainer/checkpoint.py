@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recbole_llm.data.assets import write_dir_atomically
+from recbole_llm.errors import UsageError
 
 WEIGHTS = "model.safetensors"
 META = "recbole_llm.json"
@@ -29,8 +30,12 @@ OPTIMIZER = "optimizer.pt"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError, ValueError):
     """A checkpoint that cannot be loaded as it is: damaged, incomplete, or made from other inputs."""
+
+
+class NotACheckpointError(CheckpointError, FileNotFoundError):
+    """A path that holds no recbole_llm checkpoint."""
 
 
 def _saved(model: torch.nn.Module):
@@ -78,7 +83,8 @@ def save_checkpoint(path, model, meta: dict, optimizer=None) -> Path:
 def read_meta(path) -> dict:
     meta_file = Path(path) / META
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a recbole_llm checkpoint (no {META}).")
+        raise NotACheckpointError(f"{path} is not a recbole_llm checkpoint (no {META}): pass the run's checkpoint "
+                                  "directory, e.g. saved/<Model>-<dataset>-<hash>/best.")
     try:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -93,7 +99,8 @@ def load_weights(path, model: torch.nn.Module) -> None:
     model trains must be in the checkpoint (otherwise the model would silently keep untrained weights)."""
     file = Path(path) / WEIGHTS
     if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a recbole_llm checkpoint (no {WEIGHTS}).")
+        raise NotACheckpointError(f"{path} is not a recbole_llm checkpoint (no {WEIGHTS}): pass the run's "
+                                  "checkpoint directory, e.g. saved/<Model>-<dataset>-<hash>/best.")
     try:
         state = load_file(file, device="cpu")
     except Exception as err:  # safetensors raises its own error type for truncated or foreign files
