@@ -4,6 +4,10 @@ round trip."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from recbole_llm.errors import UsageError
 from recbole_llm.data.packing import pack_window, prefix_example, sequence_windows
 from recbole_llm.llm.examples import TokenBatch
 from recbole_llm.model.semconv import semantic_ids_dir, training_sequences
@@ -149,6 +154,44 @@ def test_an_epoch_mixes_the_tasks_by_weight_and_trains_every_sequential_target_o
     sequential = [ex for ex in batches.examples if ex[0][: len(model.sequential_head)] == model.sequential_head]
     assert sum(sum(t) for _, t in sequential) == code_tokens_trained == 4 * n_targets
     assert sum(b.targets.sum().item() for b in batches) == sum(sum(t) for _, t in batches.examples)
+
+
+def _raw_timelines(data_path) -> dict[str, list[tuple[float, str]]]:
+    """{user token: [(time, item token)] in time order}, read from the raw file, at the float32 resolution RecBole's
+    SequentialDataset orders by (items rated within about a minute tie, in either order)."""
+    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t", dtype=str)
+    return {user: sorted(zip(rows["timestamp:float"].astype(float).astype("float32").tolist(), rows["item_id:token"]))
+            for user, rows in inter.groupby("user_id:token")}
+
+
+def test_training_sequences_of_a_global_temporal_split_hold_only_real_transitions(semconv_config, data_path):
+    split = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None, "mode": "full"}
+    _, model, (train, _, _) = build_semconv({**semconv_config, "eval_args": split, "semconv_codes": "random"})
+    users = train.dataset.inter_feat[train.dataset.uid_field].numpy()
+    assert (users[1:] != users[:-1]).sum() > 2 * len(set(users))  # the rows of a user are not contiguous
+    model.epoch_batches(train.dataset, epoch=0)  # the task builders' sequences
+    sequences = model._tasks.sequences
+    timelines = _raw_timelines(data_path)
+    token = lambda item: str(train.dataset.id2token(train.dataset.iid_field, item))  # noqa: E731
+    assert len(sequences) == len(set(users)) and sum(len(s) - 1 for s in sequences) == len(users)
+    for user, sequence in zip(sorted(set(users)), sequences):
+        timeline = timelines[str(train.dataset.id2token(train.dataset.uid_field, user))]
+        time_of = {item: t for t, item in timeline}
+        items = [token(i) for i in sequence]
+        assert time_of[items[0]] == timeline[0][0]  # starts at the user's first item
+        for a, b in zip(items, items[1:]):  # every transition happened: b came next after a (ties: either order)
+            assert time_of[a] <= time_of[b]
+            assert not any(time_of[a] < t < time_of[b] for t, _ in timeline)
+
+
+def test_query_history_zero_puts_no_history_in_query_and_negative_prompts(semconv_config):
+    _, model, _ = build_semconv({**semconv_config, "semconv_codes": "random", "semconv_query_history": 0})
+    decode = model.tokenizer.decode
+    empty_query, _ = model.query_example([], 7)
+    for tokens, _ in (model.query_example([5, 6, 8], 7), ):
+        assert tokens == empty_query
+    assert model.negative_example([5, 6], 7, True)[0] == model.negative_example([], 7, True)[0]
+    assert "interacted with items . The user" in decode(empty_query)
 
 
 def test_negative_task_samples_unseen_items_for_no_and_the_target_for_yes(semconv_config, monkeypatch):
@@ -331,8 +374,41 @@ def test_top_k_export_serves_the_evaluated_ranking_and_refuses_a_stale_fingerpri
     user = test._dataset.id2token("user_id", interaction["user_id"][:1].numpy())[0]
     assert cache.recommend(user, 5) == list(test._dataset.id2token("item_id", best.numpy()))
     assert cache.recommend(user, 2) == cache.recommend(user, 5)[:2]
-    with pytest.raises(ValueError, match="top 5 items per user, not 6"):
+    with pytest.raises(UsageError, match="holds the top 5 items per user; ask for 1 to 5"):
         cache.recommend(user, 6)
 
     with pytest.raises(StaleCacheError, match="Export again"):
         TopKCache.load(path, "0" * 12)
+    _serving_commands_refuse_bad_input_with_one_line(path, trainer.saved_model_file, user, tmp_path)
+
+
+def _serving_commands_refuse_bad_input_with_one_line(export, checkpoint, user, tmp_path):
+    from recbole_llm.serving import main
+
+    lines = Path(export).read_text().splitlines()
+    header = json.loads(lines[0])
+    stale = tmp_path / "stale.jsonl"
+    stale.write_text("\n".join([json.dumps({**header, "fingerprint": "0" * 12}), *lines[1:]]) + "\n")
+    truncated = tmp_path / "truncated.jsonl"
+    truncated.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(lines[:-1]) + "\n")
+    garbled = tmp_path / "garbled.jsonl"
+    garbled.write_text("\n".join([lines[0], lines[1], "[1, 2]", *lines[3:]]) + "\n")
+    not_a_checkpoint = tmp_path / "empty_dir"
+    not_a_checkpoint.mkdir()
+    cases = [
+        (["recommend", str(stale), user, "--checkpoint", str(checkpoint)], "changed since the export"),
+        (["recommend", str(export), "no-such-user"], "user 'no-such-user' is not in the top-K export"),
+        (["recommend", str(export), user, "--k", "9"], "holds the top 5 items per user"),
+        (["recommend", str(truncated), user], f"{truncated}:{len(lines)} is not JSON"),
+        (["recommend", str(short), user], "the file is truncated"),
+        (["recommend", str(garbled), user], f"{garbled}:3 is not a user's list"),
+        (["recommend", str(tmp_path / "missing.jsonl"), user], "no such top-K export"),
+        (["export", str(not_a_checkpoint), str(tmp_path / "x.jsonl")], "is not a recbole_llm checkpoint"),
+        (["export", str(tmp_path / "missing_dir"), str(tmp_path / "x.jsonl")], "is not a recbole_llm checkpoint"),
+    ]
+    for argv, message in cases:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            assert main(argv) == 2, argv
+        assert err.getvalue().startswith("error: ") and message in err.getvalue() and err.getvalue().count("\n") == 1

@@ -29,6 +29,7 @@ from recbole.utils import InputType, set_color
 
 from recbole_llm.data.domains import DomainMixture, first_token
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
+from recbole_llm.data.sequences import last_items
 from recbole_llm.errors import InputFileError
 from recbole_llm.llm.backbone import backbone_from_config
 from recbole_llm.llm.generation import left_pad, pad_sequences, sample_continuations
@@ -94,7 +95,7 @@ class CALRecPrompt:
         """The prompt for a history of item ids (oldest first), ending in the next-item prefix."""
         budget = self.max_prompt_tokens - len(self.head)
         kept = []
-        for item in reversed(list(item_ids)[-self.max_history_items:]):
+        for item in reversed(last_items(list(item_ids), self.max_history_items)):
             cost = len(items[item]) + len(self.next)  # each item is followed by one next-item prefix
             if kept and cost > budget:
                 break
@@ -136,8 +137,9 @@ class TextBatch:
 # --------------------------------------------------------------------------------------------------- dataset
 def select_training_samples(train, targets_per_user: int, max_samples: int, seed: int):
     """Keep the last ``targets_per_user`` next-item examples of each user (0: all prefixes), then at most
-    ``max_samples`` of those drawn uniformly (0: all). Rows of RecBole's train split are grouped by user in
-    chronological order, and valid/test targets are never in it, so nothing leaks from evaluation."""
+    ``max_samples`` of those drawn uniformly (0: all). A user's rows of RecBole's train split are in time order
+    (contiguous under leave-one-out, interleaved with other users' under a global temporal split; the count
+    groups by user either way), and valid/test targets are never in it, so nothing leaks from evaluation."""
     users = train.inter_feat[train.uid_field].numpy()
     keep = np.ones(len(users), dtype=bool)
     if targets_per_user > 0:

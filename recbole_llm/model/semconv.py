@@ -30,6 +30,7 @@ from recbole_llm.collaborative import collaborative_item_embeddings
 from recbole_llm.data.assets import cache_root, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder
 from recbole_llm.data.packing import pack_window, sequence_windows
+from recbole_llm.data.sequences import last_items, user_sequences
 from recbole_llm.llm.backbone import backbone_from_config
 from recbole_llm.llm.generation import beam_search, left_pad
 from recbole_llm.llm.new_tokens import add_trainable_tokens
@@ -142,15 +143,8 @@ class AlignmentTasks:
 
 
 def training_sequences(dataset) -> list[list[int]]:
-    """Each user's whole training sequence from RecBole's augmented training split (rows are every prefix ->
-    next item, grouped by user in time order): the first row's first item, then every row's target."""
-    inter = dataset.inter_feat
-    users = inter[dataset.uid_field].numpy()
-    targets = inter[dataset.iid_field].numpy()
-    first_items = inter[dataset.item_id_list_field][:, 0].numpy()
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    ends = np.r_[starts[1:], len(users)]
-    return [[int(first_items[s])] + targets[s:e].tolist() for s, e in zip(starts, ends)]
+    """Each user's training sequence (:func:`recbole_llm.data.sequences.user_sequences`), users in id order."""
+    return list(user_sequences(dataset).values())
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -313,16 +307,16 @@ class SemConv(SequentialRecommender):
         return self._example(self._fill("code_to_title", self.code_tokens[item]), self.title_tokens[item] + [self.eos])
 
     def query_example(self, history: list[int], target: int):
-        recent = self._history_tokens(history[-self.query_history:])
+        recent = self._history_tokens(last_items(history, self.query_history))
         return self._example(self._fill("query", recent, self.query_tokens[target]), self.code_tokens[target])
 
     def negative_example(self, history: list[int], item: int, positive: bool):
-        recent = self._history_tokens(history[-self.query_history:])
+        recent = self._history_tokens(last_items(history, self.query_history))
         return self._example(self._fill("negative", recent, self.code_tokens[item]), self.answers[positive] + [self.eos])
 
     def sequential_prompt(self, history: list[int]) -> list[int]:
         """The scoring prompt: the sequential head and the codes of the last ``max_history_items`` items."""
-        return self.sequential_head + self._history_tokens(history[-self.max_history_items:])
+        return self.sequential_head + self._history_tokens(last_items(history, self.max_history_items))
 
     # -------------------------------------------------------------------------------------------- training
     def epoch_batches(self, train_dataset, epoch: int) -> ExampleBatches:
