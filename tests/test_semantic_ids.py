@@ -125,6 +125,20 @@ def test_trie_allows_the_children_of_each_prefix_and_nothing_after_a_dead_end():
         CodeTrie(torch.tensor([[0, 1], [0, 1]]), 4)
 
 
+def test_banned_items_close_the_prefixes_that_lead_only_to_them():
+    trie = CodeTrie(CATALOGUE, 4)
+    banned = torch.tensor([[True, True, False, False, False],  # row 0: items (0,1,2) and (0,1,3)
+                           [False, False, False, False, False]])
+    open_states = trie.open_states(banned)
+    root = torch.empty(2, 0, dtype=torch.long)
+    # row 0 can still start with 0 (item (0,2,0)), but prefix (0,1) now leads only to banned items
+    assert trie.allowed(root, open_states).tolist() == [[True, True, False, True], [True, True, False, True]]
+    assert trie.allowed(torch.tensor([[0], [0]]), open_states).tolist() == [[False, False, True, False],
+                                                                             [False, True, True, False]]
+    assert trie.allowed(torch.tensor([[0, 1], [0, 1]]), open_states).tolist() == [[False] * 4,
+                                                                                   [False, False, True, True]]
+
+
 def test_vectorised_constraint_allows_exactly_what_the_reference_allows():
     generator = torch.Generator().manual_seed(0)
     levels, size, vocab, eos, prompt = 3, 6, 40, 1, 5

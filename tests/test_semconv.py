@@ -38,6 +38,7 @@ def semconv_config(base_config) -> dict:
         "semconv_cf_epochs": 2,
         "semconv_rq_epochs": 20,
         "semconv_beams": 5,
+        "topk": [5],
         "semconv_task_weights": {"sequential": 1.0, "text": 0.05, "query": 0.02, "negative": 0.02},
         "train_batch_size": 16,
         "eval_batch_size": 64,
@@ -262,13 +263,44 @@ def test_full_sort_scores_the_beams_and_minus_inf_elsewhere(semconv_config):
     assert (torch.isfinite(scores).sum(1) == 5).all() and torch.isinf(scores[:, 0]).all()
 
 
+def test_ranking_deeper_than_the_beams_or_the_catalogue_is_refused_before_training(semconv_config):
+    with pytest.raises(SettingError, match=r"topk=\[5, 10\] asks for 10 items per user.*--semconv_beams=10"):
+        build_semconv({**semconv_config, "topk": [5, 10]})
+    with pytest.raises(SettingError, match="semconv_beams=5000 exceeds the 1126 items"):
+        build_semconv({**semconv_config, "semconv_beams": 5000, "topk": [5]})
+
+
+def test_codebooks_too_small_for_the_catalogue_are_refused_before_the_cf_model_trains(semconv_config, monkeypatch):
+    import recbole_llm.model.semconv as semconv
+
+    monkeypatch.setattr(semconv, "collaborative_item_embeddings", lambda *a, **k: pytest.fail("LightGCN trained"))
+    with pytest.raises(SettingError, match=r"semconv_levels=2 x semconv_codebook_size=16 cannot give the 1126 items"):
+        build_semconv({**semconv_config, "semconv_levels": 2})
+
+
+def test_excluding_history_keeps_every_beam_on_an_item_the_ranking_keeps(semconv_config):
+    """Under exclude_history the evaluator removes each user's earlier items; the beams must avoid them, so each
+    user still gets ``semconv_beams`` ranked items (dropping history beams after the search would leave fewer)."""
+    config, model, (_, _, test) = build_semconv({**semconv_config, "exclude_history": True, "semconv_beams": 20,
+                                                  "topk": [20]})
+    model.eval()
+    interaction, history, _, _ = next(iter(test))
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+    excluded = torch.zeros_like(scores, dtype=torch.bool)
+    excluded[history[0], history[1]] = True  # RecBole's loader: the protocol's whole earlier history
+    assert excluded.sum(1).median() >= 50  # most users have more earlier items than beams
+    assert (torch.isfinite(scores).sum(1) == 20).all()
+    assert not (torch.isfinite(scores) & excluded).any()
+
+
 def _oracle_generate(model, truth, target_rank: int):
     """Code generation replaced: beam ``target_rank`` of each user is the true target's code tokens, the others
     random other items', scores 0, -1, -2 ... Everything after generation (token -> code -> item mapping,
     scattering into the full ranking, RecBole's evaluator) is the real code."""
     generator = torch.Generator().manual_seed(0)
 
-    def generate(histories, constraint="trie", decoder="prefill"):
+    def generate(histories, constraint="trie", decoder="prefill", banned=None):
         rows = []
         for history in histories:
             target = truth[history_key(history)]
@@ -351,7 +383,7 @@ def test_full_run_and_checkpoint_round_trip_with_codebook_and_code_tokens(semcon
 
 def test_run_recbole_llm_reports_recboles_metrics(semconv_config):
     result = run_recbole_llm("SemConv", "ml-tiny", config_dict=semconv_config)
-    assert set(result["test_result"]) >= {"recall@10", "ndcg@10"} and result["protocol"]["exclude_history"] is False
+    assert set(result["test_result"]) >= {"recall@5", "ndcg@5"} and result["protocol"]["exclude_history"] is False
 
 
 # ------------------------------------------------------------------------------------------ top-K cache

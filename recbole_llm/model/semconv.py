@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from recbole_llm.llm.generation import beam_search, left_pad
 from recbole_llm.llm.new_tokens import add_trainable_tokens
 from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
 from recbole_llm.llm.pooling import mean_pooled_embeddings
+from recbole_llm.protocol import excludes_history
 from recbole_llm.registry import register_model
 from recbole_llm.settings import SEMCONV_TASKS as TASKS
 from recbole_llm.settings import SettingError
@@ -188,6 +190,10 @@ class SemConv(SequentialRecommender):
                 f"semconv_window_context={self.window_context} must be below semconv_window_items={self.window_items} "
                 "(a window repeats that many items as context); e.g. --semconv_window_context=5"
             )
+        self._check_catalogue_fits(config)
+        # under exclude_history the evaluator drops every earlier item of a user: the beams avoid them instead
+        self.exclude_history = excludes_history(config)
+        self.train_items = user_sequences(dataset) if self.exclude_history else None
         # (every value was checked against recbole_llm.settings when the Config was built)
         self.llm, self.tokenizer = backbone_from_config(config)
         text_builder = ItemTextBuilder.from_config(config)
@@ -209,6 +215,24 @@ class SemConv(SequentialRecommender):
         self._prepare_tokens()
         self.last_batch_tokens = 0
         self.last_task_counts = None
+
+    def _check_catalogue_fits(self, config) -> None:
+        """Refuse, before any model trains, settings the catalogue cannot satisfy."""
+        items, top_k = self.n_items - 1, max(config["topk"])
+        if self.codebook_size ** self.levels < items or self.codebook_size > items:
+            raise SettingError(
+                f"semconv_levels={self.levels} x semconv_codebook_size={self.codebook_size} cannot give the {items} "
+                f"items unique codes learnt by k-means: the codes must number at least the items "
+                f"({self.codebook_size}^{self.levels} = {self.codebook_size ** self.levels}) and each codebook at most "
+                f"the items; e.g. --semconv_codebook_size={max(2, min(items, math.ceil(items ** (1 / self.levels)) * 2))}")
+        if self.beams > items:
+            raise SettingError(f"semconv_beams={self.beams} exceeds the {items} items of the catalogue: every beam "
+                               f"past them is wasted search; e.g. --semconv_beams={min(items, 20)}")
+        if top_k > self.beams:
+            raise SettingError(
+                f"topk={config['topk']} asks for {top_k} items per user, but SemConv ranks only its "
+                f"semconv_beams={self.beams} beams (every other item scores -inf, so metrics at {top_k} would count "
+                f"arbitrary items); use --semconv_beams={top_k} or a smaller topk")
 
     # ------------------------------------------------------------------------------------ stage 1: codes
     def _semantic_ids(self, config, dataset):
@@ -359,22 +383,25 @@ class SemConv(SequentialRecommender):
                                 return_dict_in_generate=True, output_scores=True)
 
     @torch.no_grad()
-    def generate_code_tokens(self, histories: list[list[int]], constraint: str = "trie", decoder: str = "prefill"):
+    def generate_code_tokens(self, histories: list[list[int]], constraint: str = "trie", decoder: str = "prefill",
+                             banned: torch.Tensor | None = None):
         """The ``semconv_beams`` best code-token sequences per history: ``(tokens [B, beams, L], log-probs [B, beams])``.
 
         ``constraint``: ``trie`` (the vectorised prefix-trie processor), ``reference`` (transformers'
         PrefixConstrainedLogitsProcessor over the same codes, a Python call per beam: slow, for checks) or
         ``none`` (free beam search). ``decoder``: ``prefill`` (:func:`recbole_llm.llm.generation.beam_search`, each
         prompt encoded once) or ``generate`` (transformers' ``generate`` with :meth:`generation_config`, which
-        encodes each prompt once per beam); both return the same beams."""
+        encodes each prompt once per beam); both return the same beams. ``banned [B, n_items]`` (trie only): items
+        a history's beams may not end on."""
         from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor
 
         ids, mask = left_pad([self.sequential_prompt(h) for h in histories], self.pad, self.device)
         self.trie.to(self.device)
         self.vocabulary.to(self.device)
         processors = LogitsProcessorList({
-            "trie": lambda: [TrieConstrainedLogitsProcessor(self.trie, self.vocabulary.level_tokens,
-                                                            self.vocabulary.code_of_token, ids.shape[1], self.eos)],
+            "trie": lambda: [TrieConstrainedLogitsProcessor(
+                self.trie, self.vocabulary.level_tokens, self.vocabulary.code_of_token, ids.shape[1], self.eos,
+                banned=banned[:, 1:] if banned is not None else None)],  # trie rows are items 1..n-1
             "reference": lambda: [PrefixConstrainedLogitsProcessor(reference_allowed_tokens_fn(
                 [tuple(c) for c in self.item_codes[1:].tolist()], self.vocabulary.level_tokens.cpu(), ids.shape[1],
                 self.eos), self.beams)],
@@ -392,10 +419,12 @@ class SemConv(SequentialRecommender):
         return tokens[:, : self.levels].reshape(len(histories), -1, self.levels), \
             out.sequences_scores.float().view(len(histories), -1)
 
-    def beam_search(self, histories: list[list[int]], constraint: str = "trie", decoder: str = "prefill"):
+    def beam_search(self, histories: list[list[int]], constraint: str = "trie", decoder: str = "prefill",
+                    banned: torch.Tensor | None = None):
         """Top ``semconv_beams`` items per history: ``(item ids [B, beams], log-probabilities [B, beams])``, best
-        first; item id -1 marks a code that is no item (only possible with ``constraint="none"``)."""
-        tokens, scores = self.generate_code_tokens(histories, constraint, decoder)
+        first; item id -1 marks a code that is no item (only possible with ``constraint="none"``); ``banned [B,
+        n_items]``: items a row may not get (their scores stay -inf where fewer items are left than beams)."""
+        tokens, scores = self.generate_code_tokens(histories, constraint, decoder, banned)
         codes = self.vocabulary.codes(tokens.flatten(0, 1))
         items = torch.full((len(codes),), -1, dtype=torch.long, device=codes.device)
         complete = (codes >= 0).all(1)
@@ -404,12 +433,25 @@ class SemConv(SequentialRecommender):
         items = torch.where(items >= 0, items + 1, -1)  # trie rows are items 1..n-1
         return items.view(scores.shape), scores
 
+    def earlier_items(self, interaction) -> torch.Tensor:
+        """``[B, n_items]`` bool: each row's earlier items (its user's training items and the row's own history),
+        the items the protocol removes from the ranking under ``exclude_history``."""
+        banned = torch.zeros(len(interaction), self.n_items, dtype=torch.bool)
+        for row, (user, history) in enumerate(zip(interaction[self.USER_ID].tolist(), self._histories(interaction))):
+            banned[row, self.train_items.get(user, [])] = True
+            banned[row, history] = True
+        banned[:, 0] = False  # the padding item is no item
+        return banned.to(self.device)
+
     def full_sort_predict(self, interaction):
-        """``[B, n_items]``: beam log-probabilities of the top ``semconv_beams`` items, -inf elsewhere."""
+        """``[B, n_items]``: beam log-probabilities of the top ``semconv_beams`` items, -inf elsewhere (under
+        ``exclude_history`` the beams only reach items outside the user's history, so the ranking keeps them all)."""
         histories = self._histories(interaction)
+        banned = self.earlier_items(interaction) if self.exclude_history else None
         scores = torch.full((len(histories), self.n_items), float("-inf"), device=self.device)
         for start in range(0, len(histories), self.generation_batch_size):
-            items, log_probs = self.beam_search(histories[start: start + self.generation_batch_size])
+            chunk = slice(start, start + self.generation_batch_size)
+            items, log_probs = self.beam_search(histories[chunk], banned=banned[chunk] if banned is not None else None)
             rows = torch.arange(len(items), device=self.device).unsqueeze(1).expand_as(items) + start
             valid = (items > 0) & torch.isfinite(log_probs)
             scores.index_put_((rows[valid], items[valid]), log_probs[valid], accumulate=False)

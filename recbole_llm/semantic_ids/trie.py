@@ -31,6 +31,7 @@ class CodeTrie:
             raise ValueError("two items share a code: resolve collisions before building the trie")
         self.levels, self.codebook_size = codes.shape[1], codebook_size
         self.transitions: list[torch.Tensor] = []
+        self.item_states: list[torch.Tensor] = []  # [levels] x [N]: the state of each item's prefix of length l + 1
         parent = torch.zeros(len(codes), dtype=torch.long)  # every item starts at the root
         n_states = 1
         for level in range(self.levels):
@@ -38,6 +39,7 @@ class CodeTrie:
             table = torch.full((n_states, codebook_size), -1, dtype=torch.long)
             table[parent, codes[:, level]] = child
             self.transitions.append(table)
+            self.item_states.append(child)
             parent, n_states = child, int(child.max()) + 1
         # leaves are the full codes; leaf state -> item
         self.item_of_leaf = torch.full((n_states,), -1, dtype=torch.long)
@@ -45,6 +47,7 @@ class CodeTrie:
 
     def to(self, device) -> "CodeTrie":
         self.transitions = [t.to(device) for t in self.transitions]
+        self.item_states = [t.to(device) for t in self.item_states]
         self.item_of_leaf = self.item_of_leaf.to(device)
         return self
 
@@ -58,10 +61,29 @@ class CodeTrie:
             state = torch.where(valid, step, -1)
         return state
 
-    def allowed(self, prefixes: torch.Tensor) -> torch.Tensor:
-        """``[B, C]`` bool: codes that may follow each prefix ``[B, t]`` (t < L); none after an invalid prefix."""
+    def allowed(self, prefixes: torch.Tensor, open_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``[B, C]`` bool: codes that may follow each prefix ``[B, t]`` (t < L); none after an invalid prefix.
+
+        With ``open_states`` (:meth:`open_states` of per-row banned items, one row per prefix) a code is allowed
+        only if some item that is not banned for that row continues it."""
         state = self.walk(prefixes)
-        return (self.transitions[prefixes.shape[1]][state.clamp(min=0)] >= 0) & (state >= 0).unsqueeze(1)
+        child = self.transitions[prefixes.shape[1]][state.clamp(min=0)]
+        allowed = (child >= 0) & (state >= 0).unsqueeze(1)
+        if open_states is not None:
+            allowed &= open_states[prefixes.shape[1]].gather(1, child.clamp(min=0))
+        return allowed
+
+    def open_states(self, banned: torch.Tensor) -> list[torch.Tensor]:
+        """Per level, ``[R, states]`` bool: the states (prefixes) under which some item is not banned in that row,
+        for ``banned [R, N]`` (True: the row may not produce item i). One scatter per level, no loop over rows."""
+        allowed_items = (~banned).to(torch.int32)
+        out = []
+        for states in self.item_states:
+            n_states = int(states.max()) + 1
+            counts = torch.zeros(len(banned), n_states, dtype=torch.int32, device=banned.device)
+            counts.index_add_(1, states, allowed_items)
+            out.append(counts > 0)
+        return out
 
     def items(self, codes: torch.Tensor) -> torch.Tensor:
         """Item index of each full code ``[B, L]``; -1 for a code no item has."""
@@ -80,7 +102,9 @@ class CodeTrie:
 
 
 class TrieConstrainedLogitsProcessor(LogitsProcessor):
-    """Allow only continuations of catalogue codes after a prompt of ``prompt_length`` tokens, then EOS.
+    """Allow only continuations of catalogue codes after a prompt of ``prompt_length`` tokens, then EOS; with
+    ``banned`` items per prompt (a user's history under ``exclude_history``), only codes of the other items, so
+    every beam ends on an item the ranking keeps.
 
     ``level_tokens [L, C]``: the token id of code k at level l; ``code_of_token [V]``: the code index a token stands
     for at its level (-1 for other tokens). Scores of disallowed tokens become -inf (added, as transformers' own
@@ -88,9 +112,11 @@ class TrieConstrainedLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, trie: CodeTrie, level_tokens: torch.Tensor, code_of_token: torch.Tensor, prompt_length: int,
-                 eos_token_id: int):
+                 eos_token_id: int, banned: torch.Tensor | None = None):
         self.trie, self.level_tokens, self.code_of_token = trie, level_tokens, code_of_token
         self.prompt_length, self.eos_token_id = prompt_length, eos_token_id
+        # per prompt, the items it may not produce ([prompts, N] bool; the beams of prompt b are rows b*K .. b*K+K-1)
+        self.open_states = trie.open_states(banned) if banned is not None else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_length
@@ -99,7 +125,11 @@ class TrieConstrainedLogitsProcessor(LogitsProcessor):
             mask[:, self.eos_token_id] = 0.0
             return scores + mask
         prefixes = self.code_of_token[input_ids[:, self.prompt_length:]]
-        allowed = self.trie.allowed(prefixes)
+        open_states = None
+        if self.open_states is not None:
+            beams = len(input_ids) // len(self.open_states[0])
+            open_states = [states.repeat_interleave(beams, 0) for states in self.open_states]
+        allowed = self.trie.allowed(prefixes, open_states)
         columns = self.level_tokens[step].unsqueeze(0).expand_as(allowed)
         mask.scatter_(1, columns, torch.where(allowed, 0.0, float("-inf")).to(mask.dtype))
         # a beam whose prefix left the trie (impossible under this processor) may only end
