@@ -4,6 +4,7 @@ vectorised beam-search constraint against transformers' reference, packed window
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import PrefixConstrainedLogitsProcessor
 from recbole_llm.data.packing import pack_window, prefix_example, sequence_windows
 from recbole_llm.llm.backbone import load_backbone
 from recbole_llm.llm.new_tokens import ExtendedEmbedding, ExtendedHead, add_trainable_tokens
+from recbole_llm.model.losses import info_nce
 from recbole_llm.semantic_ids import CodeTrie, CodeVocabulary, TrieConstrainedLogitsProcessor, code_token_names
 from recbole_llm.semantic_ids.trie import reference_allowed_tokens_fn
 from recbole_llm.semantic_ids.quantizer import (
@@ -70,13 +72,25 @@ def test_learned_codes_are_unique_with_statistics_that_describe_them():
 
 def test_alignment_term_pulls_the_quantized_vectors_towards_the_text_embeddings():
     items = _clustered(seed=1)
-    text = torch.randn(480, 24, generator=torch.Generator().manual_seed(2))
-    _, aligned, _ = learn_semantic_ids(items, text, levels=3, codebook_size=16, epochs=80, lambda_align=1.0, seed=0)
-    _, weak, _ = learn_semantic_ids(items, text, levels=3, codebook_size=16, epochs=80, lambda_align=0.01, seed=0)
-    assert aligned.alignment_loss < weak.alignment_loss  # the InfoNCE is trained, and its weight matters
+    generator = torch.Generator().manual_seed(2)
+    text = items @ torch.randn(16, 24, generator=generator) + 0.1 * torch.randn(480, 24, generator=generator)
+
+    def alignment(lambda_align: float) -> float:
+        """InfoNCE of the trained module's projected codes against the text, measured afresh (not the training
+        log), so a loss whose sign is flipped shows up as an alignment worse than chance."""
+        _, stats, codebook = learn_semantic_ids(items, text, levels=3, codebook_size=16, epochs=80,
+                                                lambda_align=lambda_align, seed=0)
+        with torch.no_grad():
+            z_hat = codebook(codebook.standardise(items))[0]
+            measured = float(info_nce(codebook.align(z_hat), text, 0.1, symmetric=True))
+        assert stats.alignment_loss == pytest.approx(measured, rel=0.01)
+        return measured
+
+    chance = math.log(480)  # InfoNCE of an alignment that tells no item from another
+    aligned, weak = alignment(1.0), alignment(0.01)
+    assert aligned < 0.7 * chance and aligned < weak
     _, none, _ = learn_semantic_ids(items, None, levels=3, codebook_size=16, epochs=5, lambda_align=0.0, seed=0)
     assert none.alignment_loss is None
-
 
 def test_collisions_move_to_the_nearest_unused_last_level_code():
     codes = torch.tensor([[0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 1, 3], [1, 1, 2]])

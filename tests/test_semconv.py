@@ -71,6 +71,7 @@ def test_items_get_unique_codes_cached_by_every_input_that_shapes_them(semconv_c
     same = make_config("SemConv", "ml-tiny", config_dict={**semconv_config, "lora_r": 4, "semconv_beams": 3})
     assert semantic_ids_dir(same) == folder
     for change in ({"semconv_codebook_size": 32}, {"semconv_lambda_align": 0.0}, {"semconv_cf_epochs": 3},
+                   {"semconv_rq_epochs": 21}, {"semconv_rq_lr": 0.002}, {"semconv_cf_table": "user_embedding"},
                    {"item_text_fields": {"Title": "movie_title"}}, {"semconv_codes": "random"}):
         assert semantic_ids_dir(make_config("SemConv", "ml-tiny", config_dict={**semconv_config, **change})) != folder
     build_semconv(semconv_config)
@@ -183,6 +184,38 @@ def test_training_sequences_of_a_global_temporal_split_hold_only_real_transition
         for a, b in zip(items, items[1:]):  # every transition happened: b came next after a (ties: either order)
             assert time_of[a] <= time_of[b]
             assert not any(time_of[a] < t < time_of[b] for t, _ in timeline)
+
+
+def _occurrences(tokens: list[int], part: list[int]) -> int:
+    return sum(tokens[i: i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+
+
+def test_the_scoring_prompt_shows_the_most_recent_items_of_a_long_history(semconv_config):
+    _, model, _ = build_semconv({**semconv_config, "semconv_codes": "random", "max_history_items": 3})
+    history = [11, 12, 13, 14, 15, 16]
+    expected = model.sequential_head + [t for item in (14, 15, 16) for t in model.code_tokens[item]]
+    assert model.sequential_prompt(history) == expected
+
+
+def test_query_and_negative_prompts_never_show_the_target_they_ask_for(semconv_config):
+    _, model, (train, _, _) = build_semconv({**semconv_config, "semconv_codes": "random",
+                                             "semconv_task_weights": {"query": 0.3, "negative": 0.3}})
+    model.epoch_batches(train.dataset, epoch=0)
+    made = {"query_example": [], "negative_example": []}
+    for name, calls in made.items():
+        original = getattr(model, name)
+        setattr(model, name, lambda *args, _original=original, _calls=calls: _calls.append((args, _original(*args)))
+                or _calls[-1][1])
+    model._tasks.examples(epoch=1)
+    assert len(made["query_example"]) > 100 and len(made["negative_example"]) > 100
+    for name, calls in made.items():
+        for args, (tokens, targets) in calls:
+            history, item = args[0], args[1]
+            prompt = [t for t, m in zip(tokens, targets) if not m]
+            if name == "query_example" or args[2]:  # the true next item: ml-100k has no repeats, so never earlier
+                assert item not in history
+            # a query prompt names no item it asks for; a negative prompt names the asked item once, in its slot
+            assert _occurrences(prompt, model.code_tokens[item]) == (0 if name == "query_example" else 1)
 
 
 def test_query_history_zero_puts_no_history_in_query_and_negative_prompts(semconv_config):
