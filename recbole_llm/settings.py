@@ -234,6 +234,7 @@ MODEL_KEYS: dict[str, dict[str, Setting]] = {
     "SemConv": {
         "semconv_cf_model": text(example="LightGCN"),
         "semconv_cf_table": text(example="item_embedding"),
+        "semconv_cf_vectors": choice("scoring", "table"),
         "semconv_cf_epochs": integer(1),
         "semconv_cf_settings": mapping("{embedding_size: 64}"),
         "semconv_codes": choice("learned", "random"),
@@ -277,6 +278,7 @@ MODEL_KEYS["RALLRec"] = {
     "rallrec_pca_dim": integer(1),
     "rallrec_cf_model": text(example="LightGCN"),
     "rallrec_cf_table": text(example="item_embedding"),
+    "rallrec_cf_vectors": choice("scoring", "table"),
     "rallrec_cf_epochs": integer(1),
     "rallrec_cf_settings": mapping("{embedding_size: 64}"),
     "rallrec_ssl_hidden": integer(1),

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from recbole_llm.errors import UsageError
 from recbole_llm.data.packing import pack_window, prefix_example, sequence_windows
 from recbole_llm.llm.examples import TokenBatch
+from recbole_llm.data.sequences import user_sequences
 from recbole_llm.model.semconv import semantic_ids_dir, training_sequences
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 from recbole_llm.quick_start import build_model_and_data, load_model, make_config, run_recbole_llm
@@ -78,16 +79,13 @@ def test_items_get_unique_codes_cached_by_every_input_that_shapes_them(semconv_c
     assert (folder / "codes.safetensors").stat().st_mtime_ns == stamp  # reused, not recomputed
 
 
-def test_collaborative_vectors_are_cached_per_epoch_count(semconv_config):
-    from recbole_llm.collaborative import collaborative_item_embeddings
-
-    config, _, (train, _, _) = build_semconv({**semconv_config, "semconv_codes": "random"})
-    one = collaborative_item_embeddings(config, train.dataset, epochs=1)
-    two = collaborative_item_embeddings(config, train.dataset, epochs=2)
-    assert one.shape == (train.dataset.item_num, 64) and (one[0] == 0).all()
-    assert not torch.equal(one, two)  # epochs is volatile for resume, never for this cache
-    assert torch.equal(collaborative_item_embeddings(config, train.dataset, epochs=1), one)
-
+def test_cold_items_are_counted_in_the_codebook_statistics(semconv_config):
+    split = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None, "mode": "full"}
+    _, model, (train, _, _) = build_semconv({**semconv_config, "eval_args": split})
+    trained = {item for items in user_sequences(train.dataset).values() for item in items}
+    cold = set(range(1, model.n_items)) - trained  # items first seen after the training period
+    assert len(cold) > 20 and model.codebook_stats.cold_items == len(cold)
+    assert model.run_report()["codebook"]["cold_items"] == len(cold)
 
 def test_edited_item_data_never_reuses_cached_codes(semconv_config, tmp_path, data_path):
     copy = tmp_path / "copy"
@@ -306,7 +304,7 @@ def test_ranking_deeper_than_the_beams_or_the_catalogue_is_refused_before_traini
 def test_codebooks_too_small_for_the_catalogue_are_refused_before_the_cf_model_trains(semconv_config, monkeypatch):
     import recbole_llm.model.semconv as semconv
 
-    monkeypatch.setattr(semconv, "collaborative_item_embeddings", lambda *a, **k: pytest.fail("LightGCN trained"))
+    monkeypatch.setattr(semconv, "collaborative_vectors", lambda *a, **k: pytest.fail("LightGCN trained"))
     with pytest.raises(SettingError, match=r"semconv_levels=2 x semconv_codebook_size=16 cannot give the 1126 items"):
         build_semconv({**semconv_config, "semconv_levels": 2})
 
@@ -382,7 +380,7 @@ def _training_recall_at_1(model, train_dataset) -> float:
 def test_the_model_learns_to_recall_its_training_targets(semconv_config, learn_data):
     settings = {**semconv_config, "data_path": str(learn_data), "lora_r": 0, "learning_rate": 0.005,
                 "epochs": 120, "train_batch_size": 8, "semconv_codebook_size": 8, "semconv_levels": 3,
-                "semconv_task_weights": {"sequential": 1.0}, "semconv_beams": 3}
+                "semconv_task_weights": {"sequential": 1.0}, "semconv_beams": 3, "topk": [3]}
     config, model, (train, valid, _) = build_semconv(settings, "ml-learn")
     assert _training_recall_at_1(model, train.dataset) < 0.2
     LLMTrainer(config, model).fit(train, None, saved=False)

@@ -26,6 +26,7 @@ import hashlib
 import numpy as np
 import torch
 from recbole.data.dataset import Dataset, SequentialDataset
+from recbole.data.interaction import cat_interactions
 from recbole.utils import FeatureSource, FeatureType, ModelType
 
 from recbole_llm.errors import UsageError
@@ -65,9 +66,11 @@ class _LabeledRows:
             self._pair_keys, self._pair_rank = keys[by_key], rank[by_key]
         super()._change_feat_format()
 
-    def _exact_rank(self) -> np.ndarray:
-        """Each current row's place in the exact (time, user token, item token) order, found by its (user, item)."""
-        keys = self.inter_feat[self.uid_field].numpy() * self._pair_base + self.inter_feat[self.iid_field].numpy()
+    def _exact_rank(self, inter=None) -> np.ndarray:
+        """Each row's place in the exact (time, user token, item token) order, found by its (user, item); the
+        current rows, or those of ``inter``."""
+        inter = self.inter_feat if inter is None else inter
+        keys = inter[self.uid_field].numpy() * self._pair_base + inter[self.iid_field].numpy()
         return self._pair_rank[np.searchsorted(self._pair_keys, keys)]
 
     def sort(self, by, ascending=True):
@@ -115,7 +118,22 @@ class LabeledDataset(_LabeledRows, Dataset):
             users = self.inter_feat[self.uid_field].numpy()
             starts = np.r_[0, np.flatnonzero(users[1:] != users[:-1]) + 1]
             position = np.arange(len(users)) - np.repeat(starts, np.diff(np.r_[starts, len(users)]))
+            if self.config["train_on_training_period"]:  # a CF model's graph: the unscored rows train it too
+                self._unscored_rows = self.inter_feat[torch.from_numpy(np.flatnonzero(position < k))]
             self.inter_feat = self.inter_feat[torch.from_numpy(np.flatnonzero(position >= k))]
+
+    def build(self):
+        """With ``train_on_training_period`` (set by :mod:`recbole_llm.collaborative` for its CF model), the rows
+        ``min_history_length`` keeps from being scored still train, where they fall in the training period:
+        every interaction up to the last training row in the exact order; none of the valid or test period."""
+        datasets = super().build()
+        unscored = getattr(self, "_unscored_rows", None)
+        if unscored is None or not len(datasets[0]):
+            return datasets
+        train = datasets[0]
+        period = self._exact_rank(unscored) <= train._exact_rank().max()
+        train.inter_feat = cat_interactions([train.inter_feat, unscored[torch.from_numpy(np.flatnonzero(period))]])
+        return datasets
 
 
 class LabeledSequentialDataset(_LabeledRows, SequentialDataset):

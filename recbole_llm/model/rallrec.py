@@ -27,7 +27,7 @@ from recbole.utils import InputType
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recbole_llm.collaborative import collaborative_item_embeddings
+from recbole_llm.collaborative import collaborative_vectors, regress_cold_items
 from recbole_llm.data.assets import cache_root, minilm_dir, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
 from recbole_llm.errors import InputFileError
@@ -304,9 +304,14 @@ class RALLRec(SequentialRecommender):
         text = pca(self._text_vectors(config), int(config["rallrec_pca_dim"]))
         views = {"text": text}
         if kind != "text":
-            colla = collaborative_item_embeddings(
-                config, dataset, model=config["rallrec_cf_model"], table=config["rallrec_cf_table"],
-                epochs=int(config["rallrec_cf_epochs"]), settings=dict(config["rallrec_cf_settings"] or {}))[1:]
+            collaborative = collaborative_vectors(
+                config, dataset, model=config["rallrec_cf_model"], vectors=config["rallrec_cf_vectors"],
+                item_table=config["rallrec_cf_table"], epochs=int(config["rallrec_cf_epochs"]),
+                settings=dict(config["rallrec_cf_settings"] or {}))
+            cold = collaborative.cold_items[1:]
+            # items no training interaction reached keep a random vector: regressed from the text view instead
+            colla = regress_cold_items(collaborative.items[1:], cold, text)
+            report["cold_items"] = int(cold.sum())
             views["colla"] = colla
             views["ssl"], losses = align_views(
                 text, colla, hidden=int(config["rallrec_ssl_hidden"]), tau=float(config["rallrec_ssl_tau"]),

@@ -27,7 +27,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType, set_color
 from safetensors.torch import load_file, save_file
 
-from recbole_llm.collaborative import collaborative_item_embeddings
+from recbole_llm.collaborative import collaborative_vectors, regress_cold_items
 from recbole_llm.data.assets import cache_root, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder
 from recbole_llm.data.packing import pack_window, sequence_windows
@@ -252,7 +252,8 @@ class SemConv(SequentialRecommender):
         logger.info(set_color("Semantic IDs", "blue") + f" ({folder.name}): collision rate before resolution "
                     f"{stats.collision_rate:.3f}, {stats.reassigned} re-assigned, usage per level "
                     f"{[round(u, 3) for u in stats.usage]}, perplexity {[round(p, 1) for p in stats.perplexity]}, "
-                    f"reconstruction error {stats.reconstruction_error:.4f}")
+                    f"reconstruction error {stats.reconstruction_error:.4f}, {stats.cold_items} cold items "
+                    "(no training interaction; vectors regressed from their text)")
         return tensors["codes"].long(), codebook, stats
 
     def _compute_semantic_ids(self, config, dataset, folder: Path) -> None:
@@ -264,14 +265,18 @@ class SemConv(SequentialRecommender):
             save_file({"codes": codes}, folder / "codes.safetensors")
             (folder / "stats.json").write_text(json.dumps({"codebook": stats.to_dict()}, indent=2))
             return
-        items = collaborative_item_embeddings(
-            config, dataset, model=config["semconv_cf_model"], table=config["semconv_cf_table"],
-            epochs=int(config["semconv_cf_epochs"]), settings=dict(config["semconv_cf_settings"] or {}),
-        )[1:]
+        collaborative = collaborative_vectors(
+            config, dataset, model=config["semconv_cf_model"], vectors=config["semconv_cf_vectors"],
+            item_table=config["semconv_cf_table"], epochs=int(config["semconv_cf_epochs"]),
+            settings=dict(config["semconv_cf_settings"] or {}),
+        )
+        cold = collaborative.cold_items[1:]
         lambda_align = float(config["semconv_lambda_align"])
         text = None
-        if lambda_align > 0:
+        if lambda_align > 0 or bool(cold.any()):
             text = mean_pooled_embeddings(self.llm, self.tokenizer, self.item_texts[1:])
+        # items no training interaction reached keep a random vector: regressed from their text instead
+        items = regress_cold_items(collaborative.items[1:], cold, text)
         hidden = int(config["semconv_rq_hidden"])
         code_dim = int(config["semconv_rq_code_dim"])
         codes[1:], stats, codebook = learn_semantic_ids(
@@ -280,6 +285,7 @@ class SemConv(SequentialRecommender):
             beta=float(config["semconv_rq_beta"]), tau=float(config["semconv_align_tau"]), hidden=hidden,
             code_dim=code_dim, progress=bool(config["show_progress"]),
         )
+        stats.cold_items = int(cold.sum())
         module = dict(input_dim=items.shape[1], levels=self.levels, codebook_size=self.codebook_size,
                       code_dim=code_dim, hidden=hidden, text_dim=text.shape[1] if text is not None else None)
         state = {f"codebook.{k}": v.detach().contiguous() for k, v in codebook.state_dict().items()}

@@ -53,6 +53,7 @@ class CodebookStats:
     perplexity: list[float]  # per level: exp(entropy of the code distribution); codebook_size = uniform use
     reconstruction_error: float  # mean squared error of x_hat against x (standardised inputs)
     alignment_loss: float | None  # final InfoNCE against the text embeddings (None without alignment)
+    cold_items: int = 0  # items without a training interaction, whose vectors were regressed from their text
 
     def to_dict(self) -> dict:
         return asdict(self)
