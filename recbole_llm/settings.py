@@ -194,6 +194,8 @@ COMMON: dict[str, Setting] = {
     "lora_dropout": number(at_least=0, below=1, example="0.05"),
     "lora_target_modules": string_list(non_empty=True, example="[q_proj,v_proj]"),
     "gradient_accumulation_steps": integer(1),
+    "lr_scheduler": choice("constant", "linear", "cosine"),
+    "lr_warmup": number(at_least=0, example="0.01"),
     "resume": boolean(),
     "item_text_fields": string_mapping("{Title: movie_title, Year: release_year}"),
     "item_text_template": text(nullable=True, example="'{movie_title} ({release_year})'"),

@@ -15,6 +15,7 @@ from recbole_llm import load_model, run_recbole_llm
 from recbole_llm.quick_start import make_config
 from recbole_llm.settings import SettingError
 from recbole_llm.trainer.checkpoint import CheckpointError
+from recbole_llm.trainer.llm_trainer import lr_factor
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 
 import toy_llm  # noqa: F401  (registers ToyLLMRec)
@@ -165,3 +166,60 @@ def test_the_trainer_trains_and_evaluates_under_bf16_autocast_where_the_cpu_has_
     assert trainer.autocast_dtype is expected
     assert set(seen) == {expected or torch.float32}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+
+
+# ------------------------------------------------------------------------------------------ learning-rate schedule
+def test_schedule_values_follow_the_formulas():
+    # linear, 10 steps, 2 of warm-up: 0, 1/2, then (10 - s) / 8
+    assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 6, 9, 10)] == [0.0, 0.5, 1.0, 0.5, 0.125, 0.0]
+    # cosine without warm-up: 1 at the start, 1/2 half way, (1 + cos(pi / 4)) / 2 a quarter of the way
+    assert lr_factor(0, 8, 0, "cosine") == 1.0 and lr_factor(4, 8, 0, "cosine") == pytest.approx(0.5)
+    assert lr_factor(2, 8, 0, "cosine") == pytest.approx((1 + 2 ** -0.5) / 2)
+    assert [lr_factor(s, 8, 4, "constant") for s in (0, 2, 4, 7)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def _scheduled_run(toy_config, **extra):
+    config = make_config("ToyLLMRec", "ml-tiny", config_dict={**toy_config, "train_batch_size": 512, **extra})
+    train, valid, _ = data_preparation(config, create_dataset(config))
+    model = get_model("ToyLLMRec")(config, train._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "ToyLLMRec")(config, model)
+    return trainer, train, valid
+
+
+def test_fit_applies_the_schedule_at_every_optimizer_step_and_a_resumed_run_continues_it(toy_config, monkeypatch):
+    settings = {"lr_scheduler": "linear", "lr_warmup": 2, "epochs": 2, "gradient_accumulation_steps": 2,
+                "eval_step": 0}
+    trainer, train, valid = _scheduled_run(toy_config, **settings)
+    trainer.fit(train, valid, saved=True)
+    per_epoch = -(-len(train) // 2)  # optimizer steps per epoch: batches / accumulation, rounded up
+    total = 2 * per_epoch
+    expected = [0.01 * lr_factor(s, total, 2, "linear") for s in range(total)]
+    assert trainer.learning_rates == pytest.approx(expected) and total >= 4
+    assert trainer.learning_rates[1] == pytest.approx(0.005) and trainer.learning_rates[-1] > 0
+
+    # the same run stopped during its second epoch, then started again: the schedule picks up at step per_epoch
+    shutil.rmtree(_run_dir(toy_config))
+    trainer, train, valid = _scheduled_run(toy_config, **settings)
+    original = trainer._train_epoch
+
+    def stop_in_second_epoch(data, epoch_idx, *args, **kwargs):
+        if epoch_idx == 1:
+            raise KeyboardInterrupt
+        return original(data, epoch_idx, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_train_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(train, valid, saved=True)
+    resumed, train, valid = _scheduled_run(toy_config, **settings)
+    resumed.fit(train, valid, saved=True)
+    assert resumed.learning_rates == pytest.approx(expected[per_epoch:])
+
+
+def test_a_decaying_schedule_makes_epochs_part_of_the_run(toy_config):
+    from recbole_llm.trainer.fingerprint import run_fingerprint
+
+    def fingerprint(**extra):
+        return run_fingerprint(make_config("ToyLLMRec", "ml-tiny", config_dict={**toy_config, **extra}))
+
+    assert fingerprint(epochs=1) == fingerprint(epochs=2)  # constant: a longer run continues a shorter one
+    assert fingerprint(epochs=1, lr_scheduler="cosine") != fingerprint(epochs=2, lr_scheduler="cosine")

@@ -51,6 +51,7 @@ NEXT_ITEM_PREFIX = "The next item bought is as follows."
 STAGE_TWO_KEYS = (
     "calrec_stages", "num_samples", "temperature", "bm25_epsilon", "bm25_index_labels", "bm25_normalization",
     "generation_batch_size", "exclude_history", "metrics", "topk", "valid_metric", "valid_metric_bigger",
+    "lr_scheduler", "lr_warmup", "epochs",  # Stage I trains at the constant rate for stage1_steps
 )
 
 # Above this many training examples per epoch on a CPU, warn that the run will take days (BENCHMARKS.md).

@@ -71,6 +71,7 @@ STAGE_TWO_KEYS = (
     "semconv_task_weights", "semconv_window_items", "semconv_window_context", "semconv_query_history",
     "max_history_items", "max_item_tokens", "semconv_beams", "generation_batch_size", "exclude_history",
     "metrics", "topk", "valid_metric", "valid_metric_bigger", "train_neg_sample_args", "MAX_ITEM_LIST_LENGTH",
+    "lr_scheduler", "lr_warmup", "epochs",
 )
 
 

@@ -92,8 +92,10 @@ def _reads_backbone(config) -> bool:
 
 
 def resolved_settings(config, ignore: Iterable[str] = ()) -> dict:
-    """The final merged configuration as JSON values, less :data:`VOLATILE_KEYS` and ``ignore``."""
-    skipped = VOLATILE_KEYS.union(ignore)
+    """The final merged configuration as JSON values, less :data:`VOLATILE_KEYS` and ``ignore``. Under a decaying
+    learning-rate schedule ``epochs`` sets every step's rate, so it is kept (a longer run is another run)."""
+    volatile = VOLATILE_KEYS - ({"epochs"} if config["lr_scheduler"] in ("linear", "cosine") else set())
+    skipped = volatile.union(ignore)
     return {key: to_jsonable(value) for key, value in sorted(config.final_config_dict.items()) if key not in skipped}
 
 

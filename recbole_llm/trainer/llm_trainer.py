@@ -10,6 +10,10 @@ RecBole's ``fit`` loop (validation, early stopping, logging) is kept as is; only
   (see :mod:`recbole_llm.trainer.checkpoint`); nothing is pickled.
 * resume: after every epoch the trainer writes ``<run dir>/last`` (weights, optimizer, progress); a rerun of the
   same configuration continues from it instead of retraining (``resume: False`` to start over).
+* learning-rate schedule (``lr_scheduler``: constant | linear | cosine, ``lr_warmup``: steps, or a share of the
+  run's optimizer steps when below 1): :func:`lr_factor`, the formulas of Hugging Face's schedulers (which the
+  official code of RALLRec and LC-Rec trains with), applied before every optimizer step of ``fit``; the step count
+  is saved with ``last``, so a resumed run continues the schedule where it stopped.
 
 The run directory ``<checkpoint_dir>/<model>-<dataset>-<fingerprint>`` is keyed by the resolved configuration (every
 YAML layer), the data files' content and the recbole_llm version (:mod:`recbole_llm.trainer.fingerprint`), so a
@@ -22,6 +26,7 @@ and optimizer state stay in the backbone's dtype (fp32 master weights). Evaluati
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -42,6 +47,26 @@ from recbole_llm.trainer.checkpoint import (
 )
 from recbole_llm.trainer.fingerprint import resolved_settings, run_fingerprint
 
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total``, as a multiple of the base rate.
+
+    Warm-up: ``step / warmup`` for the first ``warmup`` steps; then ``constant`` 1, ``linear`` decay
+    ``(total - step) / (total - warmup)`` to 0, ``cosine`` decay ``(1 + cos(pi * progress)) / 2`` with
+    ``progress = (step - warmup) / (total - warmup)`` (Hugging Face's ``get_*_schedule_with_warmup``)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown learning-rate schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
+
 
 class LLMTrainer(Trainer):
     """Trainer for recbole_llm models; see the module docstring for what differs from RecBole's."""
@@ -58,6 +83,11 @@ class LLMTrainer(Trainer):
         self.train_tokens = 0
         self.train_seconds = 0.0
         self._validating = False
+        self.schedule = config["lr_scheduler"] or "constant"
+        self.warmup = float(config["lr_warmup"] or 0)
+        self.optimizer_steps = 0  # of fit's schedule (a resumed run restores it)
+        self.learning_rates: list[float] = []  # the rate of each optimizer step of this process
+        self._scheduled, self._total_steps = False, None
 
     # ---------------------------------------------------------------------------------------------- training
     def _build_optimizer(self, **kwargs):
@@ -95,6 +125,7 @@ class LLMTrainer(Trainer):
             if step + 1 == window_start + window:
                 if self.clip_grad_norm:
                     clip_grad_norm_(self.trainable_parameters, **self.clip_grad_norm)
+                self._schedule_step(n_batches)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             values = tuple(l.item() for l in losses) if isinstance(losses, tuple) else loss.item()
@@ -105,6 +136,20 @@ class LLMTrainer(Trainer):
             progress.set_postfix(loss=f"{loss.item():.4f}")
         self.train_seconds += time.perf_counter() - start
         return total_loss
+
+    def _schedule_step(self, n_batches: int) -> None:
+        """Set the learning rate of the next optimizer step of ``fit`` (other loops, such as CALRec's Stage I,
+        train at the base rate)."""
+        if not self._scheduled:
+            return
+        if self._total_steps is None:  # every epoch has as many batches as the first
+            self._total_steps = self.epochs * math.ceil(n_batches / self.accumulation_steps)
+        warmup = round(self.warmup * self._total_steps) if self.warmup < 1 else int(self.warmup)
+        rate = self.learning_rate * lr_factor(self.optimizer_steps, self._total_steps, warmup, self.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        self.learning_rates.append(rate)
+        self.optimizer_steps += 1
 
     def autocast(self):
         """The mixed-precision context of training and evaluation (a no-op without an autocast dtype)."""
@@ -124,6 +169,7 @@ class LLMTrainer(Trainer):
             "fingerprint": self.fingerprint,
             "epoch": epoch,
             "cur_step": self.cur_step,
+            "optimizer_steps": self.optimizer_steps,
             "best_valid_score": float(self.best_valid_score),
             "best_valid_result": {k: float(v) for k, v in (self.best_valid_result or {}).items()},
             "versions": {"recbole_llm": recbole_llm.__version__, "recbole": recbole.__version__,
@@ -155,6 +201,7 @@ class LLMTrainer(Trainer):
         load_optimizer(self.last_checkpoint, self.optimizer)
         self.start_epoch = self.epochs if meta.get("finished") else meta["epoch"] + 1
         self.cur_step = meta["cur_step"]
+        self.optimizer_steps = int(meta.get("optimizer_steps", 0))
         self.best_valid_score = meta["best_valid_score"]
         self.best_valid_result = meta["best_valid_result"] or None
         self.logger.info(
@@ -164,6 +211,7 @@ class LLMTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._validating = bool(valid_data) and self.eval_step > 0
+        self._scheduled = True
         if self.resume and saved:
             self._resume_from_last()
 
