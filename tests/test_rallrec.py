@@ -5,6 +5,7 @@ the checkpoint round trip."""
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,6 +40,7 @@ def rallrec_config(base_config) -> dict:
         "eval_batch_size": 64,
         "item_text_fields": {"Title": "movie_title", "Genres": "class", "Year": "release_year"},
         "rallrec_user_fields": {"gender": "gender", "age": "age", "job": "occupation"},
+        "item_domain": "movie",  # as properties/dataset/ml-100k.yaml
     }
 
 
@@ -68,6 +70,9 @@ def test_reranker_takes_recent_relevant_items_then_the_latest_rest():
     assert select_history(similarity, 8, 6, "simple") == [2, 3, 4, 5, 6, 7]
     assert select_history(similarity, 3, 6, "rerank") == [2, 1, 0]  # short history: all 3, K1 = 2 most recent first
     assert select_history(similarity, 8, 6, "rerank", alpha=0.0) == [2, 3, 4, 5, 6, 7]
+    # K = 5, alpha = 2/3: K1 = floor(10/3) = 3 of the 5 most similar (0, 2, 4, 6, 5): 6, 5, 4; then the 2 latest
+    # others (3, 7)
+    assert select_history(similarity, 8, 5, "rerank") == [6, 5, 4, 3, 7]
     with pytest.raises(ValueError, match="unknown history selection"):
         select_history(similarity, 8, 6, "recent")
 
@@ -178,6 +183,8 @@ def test_llm_descriptions_are_keyed_by_their_prompts_and_decoding(rallrec_config
     assert sorted((model._cache(config) / "descriptions").glob("ml-tiny-*.jsonl")) == files
     build_rallrec({**settings, "rallrec_description_tokens": 3})
     assert len(list((model._cache(config) / "descriptions").glob("ml-tiny-*.jsonl"))) == 2
+    build_rallrec({**settings, "item_domain": "book"})  # other prompts, same backbone and decoding
+    assert len(list((model._cache(config) / "descriptions").glob("ml-tiny-*.jsonl"))) == 3
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -201,6 +208,8 @@ def test_prompt_has_demographics_stars_and_target(rallrec_config):
     row = profile[profile["user_id:token"] == user].iloc[0]
     assert f"job is {row['occupation:token']}. " in text and f"age is {row['age:token']}." in text
     assert f"***{model.titles[int(interaction['item_id'][0])]}***" in text and text.rstrip().endswith("Answer:")
+    # the paper's wording for rating >= 4 ("likes" above 3 stars), for movies (ml-100k's item_domain)
+    assert "the user will like a new movie if the rating could be higher than 3 stars" in text
     # every shown item carries the user's own rating of it, from the raw file
     raw = pd.read_csv(test.dataset.dataset_path + "/ml-tiny.inter", sep="\t", dtype=str)
     mine = raw[raw["user_id:token"] == user].set_index("item_id:token")["rating:float"]
@@ -261,8 +270,11 @@ def test_the_model_learns_its_training_labels(rallrec_config, learn_data):
                 "lora_r": 0}
     config, model, (train, _, _) = build_rallrec(settings, "ml-learn")
     examples = model.training_examples(train.dataset)
-    labels = [tokens[-2] == model.yes for tokens, _ in examples]
     prompts = [tokens[:-2] for tokens, _ in examples]
+    # the rule, read from each prompt's target title (not from the labels the examples carry)
+    titles = [re.search(r"\*\*\*(.+?)\*\*\*", model.tokenizer.decode(p)).group(1) for p in prompts]
+    labels = [title[0].upper() <= "L" for title in titles]
+    assert 0.2 < np.mean(labels) < 0.8
     model.eval()
     before = auc(model.yes_probability(prompts).numpy(), labels)
     LLMTrainer(config, model).fit(train, None, saved=False)
@@ -357,3 +369,40 @@ def test_text_embeddings_are_keyed_by_the_texts(rallrec_config):
                                    "rallrec_description_tokens": 4, "rallrec_description_batch_size": 64})
     assert written.descriptions != plain.descriptions  # (the session's cache may already hold either file)
     assert not torch.equal(written.item_vectors, plain.item_vectors)  # other texts never reuse their vectors
+
+
+def _shop_data(data_path, root):
+    """An Amazon-like dataset: ml-tiny's interactions over products with a title, a category and a brand."""
+    folder = root / "shop"
+    folder.mkdir(parents=True)
+    (folder / "shop.inter").write_bytes((data_path / "ml-tiny" / "ml-tiny.inter").read_bytes())
+    items = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.item", sep="\t", dtype=str)
+    pd.DataFrame({"item_id:token": items["item_id:token"],
+                  "title:token_seq": "Steel kettle " + items["item_id:token"],
+                  "category:token_seq": "Kitchen Appliances", "brand:token": "Acme"}).to_csv(
+        folder / "shop.item", sep="\t", index=False)
+    return root
+
+
+@pytest.mark.parametrize("domain, words", [("product", ["product", "bought"]), (None, ["item", "interacted with"])])
+def test_prompts_use_the_datasets_item_domain_and_never_film_words_elsewhere(rallrec_config, data_path, tmp_path,
+                                                                            monkeypatch, domain, words):
+    import recbole_llm.model.rallrec as rallrec
+
+    written = []
+    monkeypatch.setattr(rallrec, "write_texts", lambda llm, tokenizer, prompts, keys, *a, **k: written.extend(prompts)
+                        or ["A kettle."] * len(prompts))
+    settings = {**rallrec_config, "data_path": str(_shop_data(data_path, tmp_path / "data")),
+                "item_text_fields": {"Title": "title", "Category": "category", "Brand": "brand"},
+                "rallrec_user_fields": None, "rallrec_descriptions": "llm", "rallrec_embedding": "text",
+                "item_domain": domain}
+    _, model, (_, _, test) = build_rallrec(settings, "shop")
+    interaction = next(iter(test))[0][:4]
+    prompts = [model.tokenizer.decode(p) for p in model.prompts(interaction, "rerank")]
+    film_words = re.compile(r"\b(film|films|movie|movies|watched|actors?|director)\b", re.IGNORECASE)
+    for text in [*written[:50], *prompts]:
+        assert not film_words.search(text), text
+        assert words[0] in text
+    assert all(f"The user {words[1]} the following relevant {words[0]}s" in text for text in prompts)
+    assert "Steel kettle" in written[0] and "category is Kitchen Appliances" in written[0]
+    assert f"deduce if the user will like the {words[0]} ***Steel kettle" in prompts[0]

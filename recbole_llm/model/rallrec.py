@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +46,57 @@ from recbole_llm.trainer.llm_trainer import LLMTrainer
 
 # [CODE rag/get_text_description.py] (the typo "asistant" is the official code's)
 DESCRIPTION_SYSTEM = "You are a friendly and helpful asistant who always responds to the query from users"
-DESCRIPTION_PROMPT = (
-    "Write a concise and informative description of the film {title} whose genre is {genre}, with consideration "
-    "of the following aspects:\n\nThe brief plot overview (without major spoilers).\nThe main themes and genre.\n"
-    "The setting or historical context.\nKey characters and the actors who portray them.\nThe film's director and "
-    "any notable stylistic elements.\nThe overall tone and mood of the film.\nIts cultural impact or deeper "
-    "meaning, if applicable. \n\nKeep the description under 80 words.\n\nPlease only return the description."
-)
-# [CODE get_semantic_embed.py] ReLLa's fixed template (the "plain text" option)
-PLAIN_DESCRIPTION = "Here is a movie. Its title is {title}. The movie's genre is {genre}."
-# [CODE prompts/load_prompt_*.py, inference system message]
+_AFTER_ASPECTS = "\n\nKeep the description under 80 words.\n\nPlease only return the description."
+# [CODE inference system message, prompts/load_prompt_*.py]
 SYSTEM = "You are a friendly and helpful assistant who always responds to the query from users."
-HISTORY_HEADS = {"rerank": "relevant movies", "high": "most relevant movies", "sequential": "movies in order",
-                 "simple": "movies in order"}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The wording of RALLRec's prompts for one kind of item (``item_domain`` of the dataset's YAML).
+
+    ``movie`` and ``book`` are the official code's prompts (METHODS.md §2.2, §2.7), with the book description's
+    ISBN / author / publisher sentence replaced by the dataset's own second item field; ``product`` and the
+    neutral default ``item`` (a dataset that names no domain) are the movie prompts with the film-specific
+    wording taken out (the paper has no such variant)."""
+
+    item: str  # "movie"
+    items: str  # "movies"
+    consumed: str  # "watched": the past tense in "The user watched the following movies"
+    description: str  # format with {title}, {label} (the second item field's label, lower case), {value}
+    plain: str  # ReLLa's fixed sentence, the same slots
+
+
+DOMAINS = {
+    "movie": Domain("movie", "movies", "watched", (
+        "Write a concise and informative description of the film {title} whose genre is {value}, with "
+        "consideration of the following aspects:\n\nThe brief plot overview (without major spoilers).\nThe main "
+        "themes and genre.\nThe setting or historical context.\nKey characters and the actors who portray them.\n"
+        "The film's director and any notable stylistic elements.\nThe overall tone and mood of the film.\nIts "
+        "cultural impact or deeper meaning, if applicable. " + _AFTER_ASPECTS),
+        "Here is a movie. Its title is {title}. The movie's genre is {value}."),
+    "book": Domain("book", "books", "read", (
+        "Write a concise and informative description of the book {title}. Its {label} is {value}. The description "
+        "could include the following details:\n\n- A brief plot overview (without major spoilers).\n- The main "
+        "themes and genre.\n- The setting or historical context.\n- Key characters and their roles.\n- The "
+        "author's name and any notable stylistic elements.\n- The overall tone and style of the writing.\n- Any "
+        "cultural or literary impact, if applicable.\n- Basic publication details of year and publisher. "
+        + _AFTER_ASPECTS),
+        "Here is a book. Its title is {title}. The book's {label} is {value}."),
+    "product": Domain("product", "products", "bought", (
+        "Write a concise and informative description of the product {title} whose {label} is {value}, with "
+        "consideration of the following aspects:\n\nWhat the product is and what it is used for.\nIts main "
+        "features and category.\nWho it is made for.\nThe brand or maker and any notable qualities.\nIts overall "
+        "quality and reputation, if known. " + _AFTER_ASPECTS),
+        "Here is a product. Its title is {title}. The product's {label} is {value}."),
+    "item": Domain("item", "items", "interacted with", (
+        "Write a concise and informative description of the item {title} whose {label} is {value}, with "
+        "consideration of the following aspects:\n\nWhat the item is.\nIts main characteristics and category.\n"
+        "Who would enjoy it.\nIts overall character and any notable qualities. " + _AFTER_ASPECTS),
+        "Here is an item. Its title is {title}. The item's {label} is {value}."),
+}
+HISTORY_HEADS = {"rerank": "relevant {items}", "high": "most relevant {items}", "sequential": "{items} in order",
+                 "simple": "{items} in order"}
 EMBEDDINGS = ("mix3", "text", "colla", "ssl")
 
 
@@ -193,6 +232,9 @@ class RALLRec(SequentialRecommender):
         text = lambda row, field: str(row.get(field, "") or "").strip() or "unknown"  # noqa: E731
         self.titles = [""] + [text(row, title_field) for row in rows[1:]]
         self.genres = [""] + [text(row, genre_field) for row in rows[1:]]
+        labels = list(dict(config["item_text_fields"] or {}))
+        self.domain = DOMAINS[config["item_domain"] or "item"]
+        self.attribute = labels[1].lower() if len(labels) > 1 else "category"
         self.users = self._user_profiles(config, dataset)
 
         self.descriptions = self._descriptions(config, dataset)
@@ -260,8 +302,10 @@ class RALLRec(SequentialRecommender):
         """One description per item (index 0 empty): written by the LLM (cached, resumable) or the plain template."""
         items = range(1, len(self.titles))
         if config["rallrec_descriptions"] == "template":
-            return [""] + [PLAIN_DESCRIPTION.format(title=self.titles[i], genre=self.genres[i]) for i in items]
-        prompts = [chat_prompt(self.tokenizer, DESCRIPTION_PROMPT.format(title=self.titles[i], genre=self.genres[i]),
+            return [""] + [self.domain.plain.format(title=self.titles[i], label=self.attribute, value=self.genres[i])
+                           for i in items]
+        prompts = [chat_prompt(self.tokenizer, self.domain.description.format(
+                                   title=self.titles[i], label=self.attribute, value=self.genres[i]),
                                DESCRIPTION_SYSTEM) for i in items]
         decoding = Decoding(max_new_tokens=int(config["rallrec_description_tokens"]),
                             temperature=float(config["rallrec_description_temperature"]),
@@ -334,16 +378,18 @@ class RALLRec(SequentialRecommender):
 
     def prompt_text(self, user: int, history: list[int], ratings: list[float] | None, target: int,
                     how: str) -> str:
-        """The instruction of METHODS.md §2.7 (RALLRec's ML-1M prompt; demographics when the dataset has them)."""
-        profile, subject = self.users[user]
+        """The instruction of METHODS.md §2.7 (RALLRec's ML-1M prompt, in the words of the dataset's
+        ``item_domain``; demographics when the dataset has them)."""
+        profile, subject, d = *self.users[user], self.domain
         items = [self._item_text(item, ratings[i] if ratings is not None else None) for i, item in enumerate(history)]
         lines = [
-            (profile + "\n" if profile else "") + f"{subject[0].upper() + subject[1:]} watched the following "
-            f"{HISTORY_HEADS[how]} in the past, and rated them:",
+            (profile + "\n" if profile else "") + f"{subject[0].upper() + subject[1:]} {d.consumed} the following "
+            f"{HISTORY_HEADS[how].format(items=d.items)} in the past, and rated them:",
             str(items),
-            "Note that more stars the user rated the movie, the user liked the movie more.",
-            f"And we think the user will like a new movie if the rating could be higher than {self.like_above:g} stars",
-            f"Based on the movies {subject} has watched, deduce if {subject} will like the movie "
+            f"Note that more stars the user rated the {d.item}, the user liked the {d.item} more.",
+            f"And we think the user will like a new {d.item} if the rating could be higher than {self.like_above:g} "
+            "stars",
+            f"Based on the {d.items} {subject} has {d.consumed}, deduce if {subject} will like the {d.item} "
             f"***{self.titles[target]}***.",
             "You should ONLY tell me yes or no.",
         ]
