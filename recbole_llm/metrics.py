@@ -27,6 +27,22 @@ class Accuracy(LossMetric):
         return float(np.mean((np.asarray(preds) > 0.5) == (np.asarray(trues) > 0.5)))
 
 
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    r"""Standard error of an AUC measured on ``positives`` + ``negatives`` labeled rows (Hanley and McNeil, 1982,
+    "The meaning and use of the area under a ROC curve", Radiology 143, eq. 1):
+
+    .. math:: SE = \sqrt{\frac{A(1-A) + (n_1-1)(Q_1-A^2) + (n_2-1)(Q_2-A^2)}{n_1 n_2}},
+              \quad Q_1 = \frac{A}{2-A}, \quad Q_2 = \frac{2A^2}{1+A}
+
+    Two models scored on the same rows differ by more than noise only well beyond this."""
+    if positives < 1 or negatives < 1:
+        return float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (
+        positives * negatives)
+    return float(np.sqrt(max(variance, 0.0)))
+
+
 def register_metric(cls) -> None:
     """Make ``cls`` (a RecBole metric class) usable by name in ``metrics``, like RecBole's own."""
     from recbole.evaluator import register

@@ -172,6 +172,9 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
+    auc_se = _test_auc_standard_error(config, test_data, test_result)
+    if auc_se is not None:
+        logger.info(set_color("test AUC standard error", "yellow") + f": {auc_se:.4f} (Hanley-McNeil)")
     return {
         "model": config["model"],
         "dataset": config["dataset"],
@@ -184,6 +187,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
         "test_rows": len(test_data.dataset),
+        "test_auc_se": auc_se,
         "train_tokens_per_second": _tokens_per_second(trainer),
         "model_report": to_jsonable(model_obj.run_report()) if hasattr(model_obj, "run_report") else None,
         "peak_rss_mib": round(memory.peak_rss_mib, 1),
@@ -194,6 +198,17 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "versions": package_versions(),
         "commit": git_commit(),
     }
+
+
+def _test_auc_standard_error(config, test_data, test_result) -> float | None:
+    """The standard error of the test AUC (:func:`recbole_llm.metrics.auc_standard_error`) from the test rows'
+    labels, for runs that report AUC; else None."""
+    from recbole_llm.metrics import auc_standard_error
+
+    if "auc" not in (test_result or {}) or config["LABEL_FIELD"] not in test_data.dataset.inter_feat.interaction:
+        return None
+    labels = test_data.dataset.inter_feat[config["LABEL_FIELD"]].numpy() > 0.5
+    return round(auc_standard_error(float(test_result["auc"]), int(labels.sum()), int((~labels).sum())), 5)
 
 
 def _tokens_per_second(trainer) -> float | None:
@@ -301,10 +316,11 @@ def comparison_table(records) -> str:
                 for v in values
             ]
             lines.append(f"| {split} {metric} | " + " | ".join(cells) + " |")
-    for label, key in (("test rows", "test_rows"), ("train s", "train_seconds"), ("eval s", "eval_seconds"),
+    for label, key in (("test AUC s.e.", "test_auc_se"), ("test rows", "test_rows"), ("train s", "train_seconds"),
+                       ("eval s", "eval_seconds"),
                        ("peak RSS MiB", "peak_rss_mib"), ("peak GPU MiB", "peak_gpu_mib")):
         if any(r.get(key) is not None for r in records):
-            digits = 0 if key == "test_rows" else 1
+            digits = {"test_rows": 0, "test_auc_se": 4}.get(key, 1)
             lines.append(f"| {label} | " + " | ".join(_format_value(r.get(key), digits) for r in records) + " |")
     return "\n".join(lines)
 

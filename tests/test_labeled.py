@@ -96,3 +96,23 @@ def test_cli_table_header_states_the_labeled_protocol(base_config, data_path):
     header = Path("ctr.md").read_text().splitlines()[0]
     assert "label {'rating': 4}, rows with >= 5 earlier interactions, 80 test rows" in header
     assert "in the ranking" not in header
+    # each AUC with its standard error, from the 80 rows' label counts
+    row = next(line for line in Path("ctr.md").read_text().splitlines() if line.startswith("| test AUC s.e."))
+    assert all(0.02 < float(cell) < 0.2 for cell in row.strip("|").split("|")[1:])
+
+
+def test_auc_standard_error_by_hand_and_by_simulation():
+    import numpy as np
+
+    from recbole_llm.metrics import auc_standard_error
+
+    # A = 0.8, 10 positives, 20 negatives: Q1 = 2/3, Q2 = 32/45, SE^2 = (0.16 + 9 (2/3 - 0.64) + 19 (32/45 - 0.64)) / 200
+    assert auc_standard_error(0.8, 10, 20) == pytest.approx(0.0935711, abs=1e-6)
+    # the spread of AUCs of an uninformative scorer over many draws of 300 + 500 rows
+    rng = np.random.default_rng(0)
+    aucs = []
+    for _ in range(400):
+        scores = rng.random(800)
+        ranks = scores.argsort().argsort() + 1
+        aucs.append((ranks[:300].sum() - 300 * 301 / 2) / (300 * 500))
+    assert auc_standard_error(0.5, 300, 500) == pytest.approx(np.std(aucs), rel=0.15)
