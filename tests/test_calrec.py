@@ -18,6 +18,7 @@ from recbole_llm.llm.generation import left_pad, sample_continuations
 from recbole_llm.model.calrec import CALRecPrompt, CALRecTrainer, TextBatch, first_item_text, select_training_samples
 from recbole_llm.model.losses import info_nce
 from recbole_llm.quick_start import build_model_and_data, load_model, make_config, run_recbole_llm
+from recbole_llm.retrieval.bm25 import tokenize
 from recbole_llm.retrieval.merge import quasi_round_robin_merge
 from safetensors.torch import load_file
 
@@ -215,13 +216,46 @@ def test_sampling_draws_from_the_softmax_at_the_given_temperature(peaked, temper
     with torch.no_grad():
         expected = torch.softmax(model(input_ids=ids).logits[0, -1] / temperature, -1)
     top = torch.topk(expected, 3).indices
-    generator = torch.Generator().manual_seed(0)
     samples = sample_continuations(model, ids, mask, num_samples=4000, temperature=temperature, max_new_tokens=1,
-                                   eos_token_id=tokenizer.eos_token_id, generator=generator)
+                                   eos_token_id=tokenizer.eos_token_id, seeds=[0])
     drawn = samples.tokens[0, :, 0]
     observed = torch.stack([(drawn == token).float().mean() for token in top])
     assert expected[top[0]] - expected[top[2]] > 0.1  # the temperatures give clearly different distributions
     assert torch.allclose(observed, expected[top], atol=0.03)
+
+
+def test_top_p_keeps_the_smallest_nucleus_and_samples_it_renormalised(peaked):
+    model, tokenizer = peaked
+    ids, mask = left_pad([tokenizer("Title:", add_special_tokens=False).input_ids], tokenizer.pad_token_id)
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=ids).logits[0, -1], -1)
+    ordered = probs.sort(descending=True)
+    # a top_p just above the mass of the two most likely tokens: those two and the third (the one that crosses it)
+    top_p = float(ordered.values[:2].sum()) + 1e-4
+    nucleus = ordered.indices[:3]
+    samples = sample_continuations(model, ids, mask, num_samples=4000, temperature=1.0, max_new_tokens=1,
+                                   eos_token_id=tokenizer.eos_token_id, top_p=top_p, seeds=[1])
+    drawn = samples.tokens[0, :, 0]
+    assert set(drawn.tolist()) <= set(nucleus.tolist())
+    expected = probs[nucleus] / probs[nucleus].sum()
+    observed = torch.stack([(drawn == token).float().mean() for token in nucleus])
+    assert torch.allclose(observed, expected, atol=0.03)
+
+
+def test_a_prompts_samples_depend_on_its_seed_not_on_its_batch(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer(text, add_special_tokens=False).input_ids for text in ("Title:", "A film about", "Next")]
+
+    def draw(rows, seeds):
+        ids, mask = left_pad([prompts[r] for r in rows], tokenizer.pad_token_id)
+        return sample_continuations(model, ids, mask, num_samples=3, temperature=1.0, max_new_tokens=6,
+                                    eos_token_id=tokenizer.eos_token_id, min_new_tokens=4, seeds=seeds).tokens
+
+    together = draw([0, 1, 2], [10, 11, 12])
+    alone = draw([1], [11])
+    assert torch.equal(together[1, :, :alone.shape[-1]], alone[0, :, :together.shape[-1]])
+    assert not torch.equal(draw([1], [99])[0], alone[0])
+    assert (together[:, :, :4] != tokenizer.eos_token_id).all()  # min_new_tokens bars EOS
 
 
 def test_prefill_positions_skip_left_padding_for_absolute_position_models(tiny):
@@ -316,8 +350,14 @@ def test_full_sort_scores_every_item_with_minus_inf_for_unreached(calrec_config)
         scores = model.full_sort_predict(interaction)
     assert scores.shape == (interaction.length, model.n_items)
     assert torch.isinf(scores[:, 0]).all()
-    assert torch.isfinite(scores).any(dim=1).all()  # every user gets a ranking
     assert len(model.last_generations) == interaction.length * config["num_samples"]
+    # a user gets a ranking exactly when one of its generated texts shares a word with the catalogue's texts
+    # (the tiny random backbone writes gibberish, so now and then none does)
+    vocabulary = {word for text in model.item_texts[1:] for word in tokenize(text)}
+    n = config["num_samples"]
+    reached = [any(set(tokenize(text)) & vocabulary for text in model.last_generations[row * n: (row + 1) * n])
+               for row in range(interaction.length)]
+    assert torch.isfinite(scores).any(dim=1).tolist() == reached and sum(reached) > 0.9 * len(reached)
 
 
 def _oracle(model, truth, samples_per_user=None):

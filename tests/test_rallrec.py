@@ -132,45 +132,51 @@ def test_item_representation_is_the_scaled_mixture_of_three_views(rallrec_config
 
 # --------------------------------------------------------------------------------------------- descriptions
 class CountingLLM(torch.nn.Module):
-    """A stand-in LLM whose generate writes token i+1 for prompt length i and counts its calls."""
+    """The tiny backbone, counting its prefills (one per batch of texts) and optionally interrupted at one."""
 
-    def __init__(self, interrupt_after: int | None = None):
+    def __init__(self, model, interrupt_after: int | None = None):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.calls, self.interrupt_after = 0, interrupt_after
+        self.model, self.prefills, self.interrupt_after = model, 0, interrupt_after
 
-    def generate(self, input_ids, attention_mask, generation_config):
-        self.calls += 1
-        if self.interrupt_after is not None and self.calls > self.interrupt_after:
-            raise KeyboardInterrupt
-        new = attention_mask.sum(1, keepdim=True) % 50 + 10
-        return torch.cat([input_ids, new], dim=1)
+    def forward(self, **inputs):
+        if inputs.get("past_key_values") is None:
+            self.prefills += 1
+            if self.interrupt_after is not None and self.prefills > self.interrupt_after:
+                raise KeyboardInterrupt
+        return self.model(**inputs)
 
 
-def test_descriptions_are_cached_and_an_interrupted_run_resumes_without_rewriting(tmp_path):
-    from recbole_llm.llm.backbone import build_tiny_tokenizer
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    from recbole_llm.llm.backbone import load_backbone
 
-    tokenizer = build_tiny_tokenizer()
+    return load_backbone("tiny-random", dtype="fp32")
+
+
+def test_descriptions_are_cached_and_an_interrupted_sampled_run_resumes_to_the_same_texts(tmp_path, tiny_backbone):
+    model, tokenizer = tiny_backbone
     prompts = [f"Describe movie {'x ' * i}" for i in range(10)]
     keys = [str(i) for i in range(10)]
-    file = tmp_path / "d.jsonl"
-    interrupted = CountingLLM(interrupt_after=2)
-    with pytest.raises(KeyboardInterrupt):
-        write_texts(interrupted, tokenizer, prompts, keys, file, Decoding(temperature=0), batch_size=3,
-                    progress=False)
-    partial = file.with_name(file.name + ".partial")
-    assert not file.exists() and len(partial.read_text().splitlines()) == 6  # two batches kept
+    sampled = Decoding(max_new_tokens=8, min_new_tokens=2, temperature=0.8, top_p=0.9, seed=3)
 
-    resumed = CountingLLM()
-    texts = write_texts(resumed, tokenizer, prompts, keys, file, Decoding(temperature=0), batch_size=3,
-                        progress=False)
-    assert resumed.calls == 2 and file.is_file() and not partial.exists()  # only the 4 missing texts
-    fresh = CountingLLM()
-    assert write_texts(fresh, tokenizer, prompts, keys, tmp_path / "e.jsonl", Decoding(temperature=0),
-                       batch_size=3, progress=False) == texts  # resuming gave what one run gives
-    again = CountingLLM()
-    assert write_texts(again, tokenizer, prompts, keys, file, Decoding(temperature=0), batch_size=3) == texts
-    assert again.calls == 0 and [json.loads(line)["key"] for line in file.read_text().splitlines()] == keys
+    def write(llm, file, batch_size=3, decoding=sampled):
+        return write_texts(llm, tokenizer, prompts, keys, tmp_path / file, decoding, batch_size=batch_size,
+                           progress=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        write(CountingLLM(model, interrupt_after=2), "d.jsonl")
+    partial = tmp_path / "d.jsonl.partial"
+    assert not (tmp_path / "d.jsonl").exists() and len(partial.read_text().splitlines()) == 6  # two batches kept
+    resumed = CountingLLM(model)
+    texts = write(resumed, "d.jsonl")
+    assert resumed.prefills == 2 and (tmp_path / "d.jsonl").is_file() and not partial.exists()  # the 4 missing
+
+    assert write(CountingLLM(model), "e.jsonl") == texts  # resuming gave what one uninterrupted run gives
+    assert write(CountingLLM(model), "f.jsonl", batch_size=4) == texts  # and so does another batch size
+    again = CountingLLM(model)
+    assert write(again, "d.jsonl") == texts and again.prefills == 0  # the finished file is read, not rewritten
+    other_seed = write(CountingLLM(model), "g.jsonl", decoding=Decoding(**{**sampled.__dict__, "seed": 4}))
+    assert sum(a != b for a, b in zip(other_seed, texts)) >= 8 and len(set(texts)) >= 8  # texts are sampled
 
 
 def test_llm_descriptions_are_keyed_by_their_prompts_and_decoding(rallrec_config):

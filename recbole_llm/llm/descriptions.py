@@ -4,7 +4,9 @@ Writing a description for every item is the slowest step before training (minute
 a CPU), so it is never repeated and never lost: each finished batch is appended to ``<file>.partial`` (one JSON
 line per text, flushed and synced), an interrupted run continues from the texts already written, and the file
 gets its final name only when every text is in. The caller keys ``file`` by everything that shapes the texts
-(:func:`generation_key`): the prompts themselves, the model and the decoding settings.
+(:func:`generation_key`): the prompts themselves, the model and the decoding settings. Each text is sampled from
+its own generator, seeded by the decoding seed and the text's key, so the batch size and an interruption change
+no text.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from recbole_llm.llm.generation import left_pad
+from recbole_llm.llm.generation import left_pad, row_seed, sample_continuations
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +35,6 @@ class Decoding:
     temperature: float = 0.8
     top_p: float = 0.9
     seed: int = 0
-
-    def generation_config(self, tokenizer):
-        from transformers import GenerationConfig
-
-        sample = self.temperature > 0
-        return GenerationConfig(
-            do_sample=sample, temperature=self.temperature if sample else None, top_p=self.top_p if sample else None,
-            top_k=None, num_beams=1, max_new_tokens=self.max_new_tokens,
-            min_new_tokens=min(self.min_new_tokens, self.max_new_tokens),
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        )
 
 
 def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
@@ -98,7 +89,6 @@ def write_texts(llm, tokenizer, prompts: list[str], keys: list[str], file: Path,
     if done:
         logger.info("Resuming %s: %d of %d texts already written", partial, len(keys) - len(todo), len(keys))
     file.parent.mkdir(parents=True, exist_ok=True)
-    config = decoding.generation_config(tokenizer)
     device = next(llm.parameters()).device
     todo.sort(key=lambda i: len(prompts[i]))  # similar lengths per batch: less padding
     was_training = llm.training
@@ -110,10 +100,13 @@ def write_texts(llm, tokenizer, prompts: list[str], keys: list[str], file: Path,
                 rows = todo[start: start + batch_size]
                 ids, mask = left_pad(tokenizer([prompts[i] for i in rows], add_special_tokens=False).input_ids,
                                      tokenizer.pad_token_id, device)
-                torch.manual_seed(decoding.seed + rows[0])  # keyed by item, not by how far an earlier run got
-                generated = llm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                for i, tokens in zip(rows, generated[:, ids.shape[1]:]):
-                    done[keys[i]] = clean(tokenizer.decode(tokens, skip_special_tokens=True))
+                samples = sample_continuations(
+                    llm, ids, mask, num_samples=1, temperature=decoding.temperature, top_p=decoding.top_p,
+                    max_new_tokens=decoding.max_new_tokens,
+                    min_new_tokens=min(decoding.min_new_tokens, decoding.max_new_tokens),
+                    eos_token_id=tokenizer.eos_token_id, seeds=[row_seed(decoding.seed, keys[i]) for i in rows])
+                for i, tokens, length in zip(rows, samples.tokens[:, 0], samples.lengths[:, 0].tolist()):
+                    done[keys[i]] = clean(tokenizer.decode(tokens[:length], skip_special_tokens=True))
                     out.write(json.dumps({"key": keys[i], "text": done[keys[i]]}) + "\n")
                 out.flush()
                 os.fsync(out.fileno())

@@ -9,6 +9,7 @@ CALRec's and SemConv's rankings need.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,21 @@ def pad_sequences(sequences, pad_id: int, *, left: bool = False, device=None) ->
     return ids.to(device), mask.to(device)
 
 
+def row_seed(*parts) -> int:
+    """A 63-bit seed from ``parts`` (say the run's seed and an item's key): stable across processes and batches."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logits`` with every token outside the smallest set of probability mass >= ``top_p`` set to -inf (the
+    most likely token always stays), as transformers' ``TopPLogitsWarper``."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
+    drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, mass_before >= top_p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 @torch.no_grad()
 def sample_continuations(
     model,
@@ -49,11 +65,17 @@ def sample_continuations(
     temperature: float,
     max_new_tokens: int,
     eos_token_id: int,
-    generator: torch.Generator | None = None,
+    top_p: float = 1.0,
+    min_new_tokens: int = 0,
+    seeds: list[int] | None = None,
 ) -> Samples:
     """Draw ``num_samples`` continuations of each left-padded prompt in ``input_ids [B, L]``.
 
-    ``temperature <= 0`` means greedy decoding (all samples then coincide).
+    ``temperature <= 0`` means greedy decoding (all samples then coincide). Sampling is Gumbel-max over the
+    temperature-scaled logits (restricted to the ``top_p`` nucleus; EOS barred before ``min_new_tokens``), which
+    draws exactly from that distribution. Prompt b draws its noise from its own generator seeded with
+    ``seeds[b]`` (else the global torch generator), so what one prompt samples never depends on which other
+    prompts share its batch, nor on how many batches ran before it.
     """
     batch = input_ids.shape[0]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -66,17 +88,29 @@ def sample_continuations(
     position = position_ids[:, -1:].repeat_interleave(num_samples, 0)
 
     rows = batch * num_samples
+    generators = None
+    if seeds is not None:
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     lengths = torch.zeros(rows, dtype=torch.long, device=input_ids.device)
     log_probs = torch.zeros(rows, device=input_ids.device)
     generated = []
     for step in range(max_new_tokens):
         step_log_probs = torch.log_softmax(logits, dim=-1)
+        scaled = logits / temperature if temperature > 0 else logits
+        if step < min_new_tokens:
+            scaled = scaled.index_fill(-1, torch.tensor([eos_token_id], device=scaled.device), float("-inf"))
         if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if top_p < 1.0:
+                scaled = _nucleus(scaled, top_p)
+            if generators is None:
+                uniform = torch.rand(scaled.shape)
+            else:
+                uniform = torch.cat([torch.rand((num_samples, scaled.shape[-1]), generator=g) for g in generators])
+            gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+            token = (scaled + gumbel.to(scaled.device)).argmax(-1)
         else:
-            token = logits.argmax(-1)
+            token = scaled.argmax(-1)
         token = torch.where(finished, torch.full_like(token, eos_token_id), token)
         log_probs += torch.where(finished, 0.0, step_log_probs.gather(1, token[:, None]).squeeze(1))
         lengths += (~finished).long()

@@ -32,7 +32,7 @@ from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
 from recbole_llm.data.sequences import last_items
 from recbole_llm.errors import InputFileError
 from recbole_llm.llm.backbone import backbone_from_config
-from recbole_llm.llm.generation import left_pad, pad_sequences, sample_continuations
+from recbole_llm.llm.generation import left_pad, pad_sequences, row_seed, sample_continuations
 from recbole_llm.llm.pooling import decoder_and_head, masked_mean
 from recbole_llm.model.losses import info_nce
 from recbole_llm.registry import register_model
@@ -305,6 +305,7 @@ class CALRec(SequentialRecommender):
         self.symmetric = bool(config["contrastive_symmetric"])
         self.num_samples = int(config["num_samples"])
         self.temperature = float(config["temperature"])
+        self.seed = int(config["seed"] or 0)
         self.epsilon = float(config["bm25_epsilon"])
         self.index_labels = bool(config["bm25_index_labels"])
         self.self_normalise = config["bm25_normalization"] == "self"
@@ -427,9 +428,10 @@ class CALRec(SequentialRecommender):
         """``num_samples`` item texts per history (flat, user-major) and their log-probabilities ``[B, N]``."""
         prompts = [self.prompt.history(history, self.item_tokens) for history in histories]
         ids, mask = left_pad(prompts, self.prompt.pad, self.device)
-        samples = sample_continuations(
+        samples = sample_continuations(  # seeded by the history: a user's samples never depend on the batching
             self.llm, ids, mask, num_samples=self.num_samples, temperature=self.temperature,
             max_new_tokens=self.prompt.max_item_tokens + 1, eos_token_id=self.prompt.eos,
+            seeds=[row_seed(self.seed, *history) for history in histories],
         )
         flat = samples.tokens.flatten(0, 1).tolist()
         texts = self.tokenizer.batch_decode(
