@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from recbole_llm.data.assets import cache_root, write_dir_atomically
+from recbole_llm.locks import build_once
 from recbole_llm.settings import SettingError
 from recbole_llm.trainer.fingerprint import run_fingerprint
 
@@ -85,11 +86,13 @@ def collaborative_vectors(config, dataset, *, model: str = "LightGCN", vectors: 
     key = f"{model}-{config['dataset']}-{run_fingerprint(other)}-{epochs}ep-{vectors}-{item_table}-{user_table}"
     folder = Path(config["llm_cache_dir"] or cache_root()) / "collaborative" / key
     file = folder / "vectors.safetensors"
-    if not file.is_file():
+    def build():
         tensors, metadata = _train(other, vectors, item_table, user_table)
         write_dir_atomically(folder, lambda tmp: save_file(tensors, tmp / file.name, metadata=metadata),
                              overwrite=True)
         logger.info("Collaborative vectors (%s, %s, %d epochs) cached in %s", model, vectors, epochs, folder)
+
+    build_once(folder, file.is_file, build, "collaborative vectors")
     with safe_open(file, "pt") as handle:
         metadata = handle.metadata()
         stored = {name: handle.get_tensor(name) for name in handle.keys()}

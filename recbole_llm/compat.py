@@ -14,12 +14,18 @@ and has a test in ``tests/test_compat.py`` that fails without it.
 * scipy >= 1.13 removed ``dok_matrix._update``, used by LightGCN, NGCF, GCMC, NCL, SpectralCF, ...
 * ``recbole.quick_start`` imports ray 2.6.3 (broken on numpy 2 / setuptools >= 82); recbole_llm never
   imports it and ships its own quick start.
+* the warnings RecBole and the libraries under it raise about their *own* code on today's stack (a deprecated
+  torch call inside RecBole's trainer, pandas' chained assignment inside RecBole's dataset, ...) are silenced
+  here, in :data:`FOREIGN_WARNINGS`, each matched by message and by the module that raised it; a user can act on
+  none of them. Every other warning, about the user's data or settings above all, is left as it is.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import warnings
 
 import numpy as np
 
@@ -172,6 +178,41 @@ def _patch_scipy_dok() -> None:
         sp.dok_matrix._update = lambda self, data: self._dict.update(data)
 
 
+# (category, message regex, module regex of the code that triggers it, why a user cannot act on it)
+FOREIGN_WARNINGS = (
+    (FutureWarning, r"A value is trying to be set on a copy of a DataFrame", r"recbole\.",
+     "pandas 2 on RecBole's Dataset._fill_nan (fillna inplace on a column); pyproject keeps pandas < 3"),
+    (FutureWarning, r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated", r"recbole\.",
+     "torch on RecBole's Trainer.__init__, which builds a disabled CUDA grad scaler"),
+    (UserWarning, r"torch\.sparse\.SparseTensor\(indices, values, shape", r"recbole\.",
+     "torch on the sparse adjacency of RecBole's graph models (LightGCN, NGCF, ...)"),
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"peft\.",
+     "transformers on peft's get_peft_model, which probes the old attribute name"),
+)
+# Log records of foreign libraries a user cannot act on: (logger name, message substring, why)
+FOREIGN_LOG_RECORDS = (
+    ("bitsandbytes.backends.cpu.ops", "kernels-community",
+     "bitsandbytes on CPUs with AVX512-BF16 tries to fetch an optional kernel from the Hub; its own fallback runs"),
+)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def quiet_foreign_warnings() -> None:
+    """Silence :data:`FOREIGN_WARNINGS` and :data:`FOREIGN_LOG_RECORDS`, and nothing else."""
+    for category, message, module, _ in FOREIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, fragment, _ in FOREIGN_LOG_RECORDS:
+        logging.getLogger(name).addFilter(_DropRecords(fragment))
+
+
 def apply() -> None:
     """Apply every shim once. Called by ``import recbole_llm``."""
     global _APPLIED
@@ -182,6 +223,7 @@ def apply() -> None:
     _patch_trainer_checkpoints()
     _patch_hyper_tuning()
     _patch_scipy_dok()
+    quiet_foreign_warnings()
     _APPLIED = True
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +14,28 @@ import recbole_llm  # noqa: F401  (applies the compat shims before any RecBole i
 
 TINY = "ml-tiny"
 N_USERS = 60
+
+
+class _DeprecationLog(logging.Handler):
+    """transformers announces some deprecations through its logger (once per process), not as warnings."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        if "deprecated" in record.getMessage().lower():
+            self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_transformers_calls():
+    handler = _DeprecationLog()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    assert not handler.messages, f"a deprecated transformers API was called: {handler.messages}"
 
 
 @pytest.fixture(autouse=True)

@@ -138,3 +138,21 @@ def test_a_gguf_file_changed_anywhere_is_converted_afresh(tmp_path):
     assert convert_gguf(old, tmp_path / "cache") == converted
     with pytest.raises(ValueError, match="GGUF"):  # not the cached directory: it converts (and these bytes are no GGUF)
         convert_gguf(new, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("lora", [None, LoraSpec(r=4, dropout=0.0)])
+def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_gradients(lora):
+    torch.manual_seed(0)
+    plain, tokenizer = load_backbone("tiny-random", dtype="fp32", lora=lora)
+    torch.manual_seed(0)
+    checkpointed, _ = load_backbone("tiny-random", dtype="fp32", lora=lora, gradient_checkpointing=True)
+    base = checkpointed.get_base_model() if lora else checkpointed
+    assert base.is_activation_checkpointing and not (plain.get_base_model() if lora else plain).is_activation_checkpointing
+    ids = tokenizer(["a user watched a film"], return_tensors="pt").input_ids
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6)
+                                                      for n in grads[0])

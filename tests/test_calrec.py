@@ -182,7 +182,8 @@ def test_shared_prefill_sampling_matches_generate_greedily(tiny):
             assert samples.tokens[row, sample, :length].tolist() == reference[:length].tolist()
             # its log-probability is the model's, token by token
             full = torch.tensor([prompt + reference[:length].tolist()])
-            logits = model(input_ids=full).logits[0]
+            with torch.no_grad():
+                logits = model(input_ids=full).logits[0]
             expected = sum(torch.log_softmax(logits[len(prompt) + t - 1], -1)[full[0, len(prompt) + t]]
                            for t in range(length))
             assert samples.log_probs[row, sample].item() == pytest.approx(float(expected), abs=1e-4)

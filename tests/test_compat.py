@@ -91,3 +91,45 @@ def test_import_never_pulls_in_ray_or_recbole_quick_start():
     code = "import sys, recbole_llm; print('ray' in sys.modules, 'recbole.quick_start' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+_TRIGGER = """
+import json, sys, warnings
+import recbole_llm
+from recbole_llm import run_recbole_llm
+from recbole_llm.quick_start import make_config
+from recbole_llm.registry import create_dataset
+if sys.argv[1] == "unfiltered":
+    warnings.resetwarnings()
+    warnings.simplefilter("always")
+settings = json.loads(sys.argv[2])
+run_recbole_llm("LightGCN", "ml-tiny", config_dict={**settings, "embedding_size": 8})
+create_dataset(make_config("FM", "ml-tiny", config_dict={**settings, "threshold": {"rating": 4}, "load_col": None}))
+warnings.warn("a warning about the user's own data", UserWarning)
+"""
+
+
+def _warnings_in_a_fresh_process(base_config, mode: str) -> str:
+    """What a user's console shows (stderr, warnings on) while RecBole trains a graph model and builds a context
+    dataset; ``unfiltered`` drops recbole_llm's filters first."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "always", "-c", _TRIGGER, mode, json.dumps(base_config)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_foreign_warnings_a_user_cannot_act_on_are_silenced_and_no_other(base_config):
+    import re
+
+    from recbole_llm.compat import FOREIGN_WARNINGS
+
+    foreign = [pattern for _, pattern, module, _ in FOREIGN_WARNINGS if module.startswith("recbole")]
+    raised = _warnings_in_a_fresh_process(base_config, "unfiltered")
+    assert all(re.search(pattern, raised) for pattern in foreign)  # RecBole does raise each of them
+    shown = _warnings_in_a_fresh_process(base_config, "filtered")
+    assert not any(re.search(pattern, shown) for pattern in foreign)
+    assert "a warning about the user's own data" in shown

@@ -139,7 +139,7 @@ class CountingLLM(torch.nn.Module):
         self.model, self.prefills, self.interrupt_after = model, 0, interrupt_after
 
     def forward(self, **inputs):
-        if inputs.get("past_key_values") is None:
+        if inputs.get("cache") is None:
             self.prefills += 1
             if self.interrupt_after is not None and self.prefills > self.interrupt_after:
                 raise KeyboardInterrupt

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from recbole_llm.errors import UsageError
+from recbole_llm.locks import build_once
 
 
 class DatasetNotFoundError(UsageError, FileNotFoundError):
@@ -123,7 +124,9 @@ def prepare_ml_1m(target: Path) -> Path:
             }
         ).to_csv(tmp / "ml-1m.user", sep="\t", index=False)
 
-    return write_dir_atomically(Path(target), fill)
+    target = Path(target)
+    build_once(target, (target / "ml-1m.inter").is_file, lambda: write_dir_atomically(target, fill), "ml-1m")
+    return target
 
 
 PREPARERS = {"ml-1m": prepare_ml_1m}

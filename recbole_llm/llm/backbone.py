@@ -27,6 +27,7 @@ import torch
 
 from recbole_llm.data.assets import cache_root, smollm2_gguf_path, write_dir_atomically
 from recbole_llm.errors import UsageError
+from recbole_llm.locks import build_once
 from recbole_llm.settings import SettingError
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ def convert_gguf(gguf_file: Path, cache: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return write_dir_atomically(target, fill)
+    build_once(target, lambda: (target / "config.json").is_file(), lambda: write_dir_atomically(target, fill),
+               "the converted backbone")
+    return target
 
 
 # ------------------------------------------------------------------------------------------------ tiny model
@@ -195,7 +198,9 @@ def materialize_tiny_random(target: Path, hidden_size: int = 32, intermediate_si
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return write_dir_atomically(target, fill)
+    build_once(target, lambda: (target / "config.json").is_file(), lambda: write_dir_atomically(target, fill),
+               "the tiny backbone")
+    return target
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -327,7 +332,7 @@ def load_backbone(
     if lora is not None and lora.r > 0:
         model = apply_lora(model, lora, quantized=quant is not None, gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     logger.info(
         "Backbone %s: %s, dtype=%s, quantization=%s, lora=%s", path, type(model).__name__, torch_dtype, quantization, lora
     )
@@ -338,10 +343,10 @@ def apply_lora(model, spec: LoraSpec, *, quantized: bool = False, gradient_check
     """Wrap ``model`` with peft LoRA adapters (QLoRA preparation first when the weights are quantized)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if quantized:  # checkpointing enabled below, by its current name (peft's call uses the deprecated one)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(
         r=spec.r,

@@ -15,12 +15,14 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from recbole_llm.locks import build_once
 from recbole_llm.llm.generation import left_pad, row_seed, sample_continuations
 
 logger = logging.getLogger(__name__)
@@ -75,14 +77,24 @@ def _read_partial(path: Path) -> dict[str, str]:
     return done
 
 
+def _read_complete(file: Path, keys: list[str]) -> list[str]:
+    texts = {row["key"]: row["text"] for row in map(json.loads, file.read_text().splitlines())}
+    return [texts[key] for key in keys]
+
+
 def write_texts(llm, tokenizer, prompts: list[str], keys: list[str], file: Path, decoding: Decoding,
                 batch_size: int = 8, progress: bool = True) -> list[str]:
     """The generated text of each prompt (in ``keys`` order), from ``file`` if it is complete, else generated,
-    continuing from ``file.partial`` where an earlier run stopped."""
+    continuing from ``file.partial`` where an earlier run stopped. One process writes a file at a time
+    (:func:`recbole_llm.locks.build_once`); another waits and reads what it wrote."""
     file = Path(file)
-    if file.is_file():
-        texts = {row["key"]: row["text"] for row in map(json.loads, file.read_text().splitlines())}
-        return [texts[key] for key in keys]
+    build_once(file, file.is_file, lambda: _generate_into(llm, tokenizer, prompts, keys, file, decoding,
+                                                          batch_size, progress), "item texts")
+    return _read_complete(file, keys)
+
+
+def _generate_into(llm, tokenizer, prompts, keys, file: Path, decoding: Decoding, batch_size: int,
+                   progress: bool) -> None:
     partial = file.with_name(file.name + ".partial")
     done = _read_partial(partial)
     todo = [i for i, key in enumerate(keys) if key not in done]
@@ -112,9 +124,8 @@ def write_texts(llm, tokenizer, prompts: list[str], keys: list[str], file: Path,
                 os.fsync(out.fileno())
     finally:
         llm.train(was_training)
-    lines = "".join(json.dumps({"key": key, "text": done[key]}) + "\n" for key in keys)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(lines)
+    handle, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)  # a name of this process alone
+    with os.fdopen(handle, "w") as out:
+        out.write("".join(json.dumps({"key": key, "text": done[key]}) + "\n" for key in keys))
     os.replace(tmp, file)
     partial.unlink(missing_ok=True)
-    return [done[key] for key in keys]

@@ -81,7 +81,7 @@ def sample_continuations(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(num_samples)
     logits = out.logits[:, -1].float().repeat_interleave(num_samples, 0)
     mask = attention_mask.repeat_interleave(num_samples, 0)
@@ -120,9 +120,9 @@ def sample_continuations(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache,
                     use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache
         logits = out.logits[:, -1].float()
     tokens = torch.stack(generated, dim=1).view(batch, num_samples, -1)
     return Samples(tokens, lengths.view(batch, num_samples), log_probs.view(batch, num_samples))
@@ -156,7 +156,7 @@ def beam_search(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     step_scores = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
     beams = min(num_beams, step_scores.shape[-1])
     if logits_processor is not None:  # called on B*K rows, as generate calls it (processors may rely on that)
@@ -171,9 +171,9 @@ def beam_search(
     for _ in range(max_new_tokens - 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = model(input_ids=running[:, -1:], attention_mask=mask, position_ids=position, past_key_values=cache,
+        out = model(input_ids=running[:, -1:], attention_mask=mask, position_ids=position, cache=cache,
                     use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache
         step_scores = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B*K, V]
         if logits_processor is not None:
             step_scores = logits_processor(running, step_scores)

@@ -32,6 +32,7 @@ from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
 from recbole_llm.data.sequences import last_items
 from recbole_llm.errors import InputFileError
 from recbole_llm.llm.backbone import backbone_from_config
+from recbole_llm.locks import exclusive
 from recbole_llm.llm.generation import left_pad, pad_sequences, row_seed, sample_continuations
 from recbole_llm.llm.pooling import decoder_and_head, masked_mean
 from recbole_llm.model.losses import info_nce
@@ -208,6 +209,10 @@ class CALRecTrainer(LLMTrainer):
 
     def _stage_one(self, train_data, show_progress: bool) -> None:
         stage_dir = self.stage_one_dir()
+        with exclusive(stage_dir, "CALRec's Stage I"):  # concurrent identical runs train Stage I once
+            self._load_or_train_stage_one(stage_dir, train_data, show_progress)
+
+    def _load_or_train_stage_one(self, stage_dir: Path, train_data, show_progress: bool) -> None:
         if (stage_dir / META).is_file() and read_meta(stage_dir).get("stage") == 1:
             load_weights(stage_dir, self.model)
             self.logger.info(set_color("Stage I", "blue") + f": loaded cached weights from {stage_dir}")

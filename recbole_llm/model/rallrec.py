@@ -33,6 +33,7 @@ from recbole_llm.data.assets import cache_root, minilm_dir, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
 from recbole_llm.errors import InputFileError
 from recbole_llm.llm.backbone import autocast, backbone_from_config
+from recbole_llm.locks import build_once
 from recbole_llm.llm.descriptions import Decoding, chat_prompt, generation_key, write_texts
 from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
 from recbole_llm.llm.generation import left_pad
@@ -168,10 +169,12 @@ def minilm_embeddings(texts: list[str], batch_size: int = 64, progress: bool = F
 
 
 def _cached_tensor(file: Path, compute) -> torch.Tensor:
-    if not file.is_file():
+    def build():
         value = compute()
         write_dir_atomically(file.parent, lambda tmp: save_file({"value": value.contiguous()}, tmp / file.name),
                              overwrite=True)
+
+    build_once(file.parent, file.is_file, build, "text embeddings")
     return load_file(file)["value"]
 
 

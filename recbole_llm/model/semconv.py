@@ -33,6 +33,7 @@ from recbole_llm.data.item_text import ItemTextBuilder
 from recbole_llm.data.packing import pack_window, sequence_windows
 from recbole_llm.data.sequences import last_items, user_sequences
 from recbole_llm.llm.backbone import backbone_from_config
+from recbole_llm.locks import build_once
 from recbole_llm.llm.generation import beam_search, left_pad
 from recbole_llm.llm.new_tokens import add_trainable_tokens
 from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
@@ -240,8 +241,8 @@ class SemConv(SequentialRecommender):
         """``(codes [n_items, L], codebook module or None, stats)``, from the cache when its inputs match."""
         folder = semantic_ids_dir(config)
         learned = config["semconv_codes"] == "learned"
-        if not (folder / "codes.safetensors").is_file():
-            write_dir_atomically(folder, lambda tmp: self._compute_semantic_ids(config, dataset, tmp), overwrite=True)
+        build_once(folder, (folder / "codes.safetensors").is_file, lambda: write_dir_atomically(
+            folder, lambda tmp: self._compute_semantic_ids(config, dataset, tmp), overwrite=True), "semantic IDs")
         stats = json.loads((folder / "stats.json").read_text())
         tensors = load_file(folder / "codes.safetensors")
         codebook = None

@@ -37,6 +37,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from recbole_llm.llm.backbone import autocast_dtype
+from recbole_llm.locks import exclusive
 from recbole_llm.trainer.checkpoint import (
     META,
     load_optimizer,
@@ -212,8 +213,6 @@ class LLMTrainer(Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._validating = bool(valid_data) and self.eval_step > 0
         self._scheduled = True
-        if self.resume and saved:
-            self._resume_from_last()
 
         def after_validation(epoch_idx, valid_score):
             if saved:
@@ -221,7 +220,14 @@ class LLMTrainer(Trainer):
             if callback_fn is not None:
                 callback_fn(epoch_idx, valid_score)
 
-        return super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
+        if not saved:
+            return super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
+        # one process trains a run directory at a time; an identical run started meanwhile waits, then resumes
+        # from what it finished (or, with resume off, trains after it)
+        with exclusive(self.run_dir, f"the run {self.run_dir.name}"):
+            if self.resume:
+                self._resume_from_last()
+            return super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and eval_data:
