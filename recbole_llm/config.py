@@ -62,10 +62,12 @@ class Config(RecBoleConfig):
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
         try:
             super().__init__(model, dataset, config_file_list, config_dict)
-        except ValueError as err:  # RecBole's Config raises ValueError only to refuse a setting
+        except (ValueError, NotImplementedError) as err:  # RecBole's Config raises these only to refuse a setting
             if isinstance(err, UsageError):
                 raise
-            raise settings.SettingError(f"RecBole refuses the configuration: {err}") from err
+            hint = (" Value metrics (AUC, LogLoss) score given rows: use eval_args.mode labeled (or uni100), or "
+                    "ranking metrics with mode full." if "value-based metrics" in str(err) else "")
+            raise settings.SettingError(f"RecBole refuses the configuration: {err}{hint}") from err
         settings.validate(self.final_config_dict, self["model"])
 
     def _convert_config_dict(self, config_dict):

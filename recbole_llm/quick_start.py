@@ -26,7 +26,7 @@ from recbole.data import data_preparation
 from recbole.utils import ModelType, init_logger, init_seed, set_color
 
 from recbole_llm.config import Config
-from recbole_llm.data.assets import ensure_dataset_files
+from recbole_llm.data.assets import check_interaction_columns, ensure_dataset_files
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 from recbole_llm.protocol import apply_history_exclusion, protocol_of
 from recbole_llm.errors import UsageError
@@ -53,6 +53,7 @@ def make_config(model=None, dataset=None, config_file_list=None, config_dict=Non
         config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     benchmark = config["benchmark_filename"]
     ensure_dataset_files(config["dataset"], config["data_path"], benchmark)
+    check_interaction_columns(config)
     return config
 
 

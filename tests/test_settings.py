@@ -145,3 +145,49 @@ def test_ctrl_c_during_a_comparison_writes_the_table_of_the_finished_models(base
     table = Path("partial.md").read_text()
     assert "| | Pop |" in table and "BPR" not in table.split("\n\n", 1)[1] and "interrupted during BPR" in table
     assert [json.loads(line)["model"] for line in Path("runs.jsonl").read_text().splitlines()] == ["Pop"]
+
+
+@pytest.mark.parametrize("model, extra, named", [
+    ("SASRec", ["--load_col={inter: [user_id, item_id]}"],
+     "load_col.inter loads ['user_id', 'item_id'], not 'timestamp', but SASRec is sequential"),
+    ("RALLRec", ["--threshold={score: 4}"], "has no 'score' column (its columns: user_id, item_id, rating, timestamp)"),
+    ("RALLRec", ["--eval_args={split: {RS: [0.8,0.1,0.1]}, order: TO, mode: full}"],
+     "Full sort evaluation do not match value-based metrics! Value metrics (AUC, LogLoss) score given rows"),
+    ("SASRec", ["epochs=3"], "unrecognised argument epochs=3 (did you mean --epochs=3?)"),
+    ("SemConv", ["--semconv_levels=1", "--semconv_codebook_size=64", "--semconv_beams=10", "--topk=[10]"],
+     "semconv_levels=1 x semconv_codebook_size=64 cannot give the 1126 items unique codes"),
+])
+def test_refusals_that_read_the_data_come_before_anything_trains(model, extra, named, flags, capsys):
+    assert main([f"--model={model}", "--dataset=ml-tiny", *flags, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("line, named", [
+    ("learning_rate choice [0.001,", "bad.hyper:2: 'learning_rate choice [0.001,': choice takes a list"),
+    ('learning_rate choice [__import__("os").getcwd()]', "choice takes a list"),  # never evaluated
+    ("learning_rate normal 0,1", "expected 'name type values' with type one of choice, uniform"),
+])
+def test_a_tuning_file_that_does_not_parse_names_the_file_and_line(line, named, base_config, tmp_path, capsys):
+    params = tmp_path / "bad.hyper"
+    params.write_text(f"# learning rates\n{line}\n")
+    assert main(["--model=BPR", "--dataset=ml-tiny", f"--tune={params}", *_flags(base_config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and "Traceback" not in err
+
+
+def test_user_fields_without_a_user_file_are_warned_about(base_config, data_path, tmp_path, caplog):
+    folder = tmp_path / "data" / "nousers"
+    folder.mkdir(parents=True)
+    for suffix in ("inter", "item"):
+        (folder / f"nousers.{suffix}").write_bytes((data_path / "ml-tiny" / f"ml-tiny.{suffix}").read_bytes())
+    from recbole_llm.quick_start import build_model_and_data, make_config
+
+    config = make_config("RALLRec", "nousers", config_dict={
+        **base_config, "data_path": str(tmp_path / "data"), "llm_path": "tiny-random", "llm_dtype": "fp32",
+        "rallrec_descriptions": "template", "rallrec_embedding": "text", "eval_max_interactions": 16,
+        "rallrec_user_fields": {"gender": "gender"}, "item_text_fields": {"Title": "movie_title"}})
+    with caplog.at_level(logging.WARNING):
+        _, _, model = build_model_and_data(config)
+    assert "rallrec_user_fields names ['gender'], but nousers has no user file" in caplog.text
+    assert model.users[1] == ("", "the user")

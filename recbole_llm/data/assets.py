@@ -132,6 +132,38 @@ def prepare_ml_1m(target: Path) -> Path:
 PREPARERS = {"ml-1m": prepare_ml_1m}
 
 
+class MissingColumnError(UsageError, ValueError):
+    """The interactions lack a column the model or the protocol needs (or ``load_col`` leaves it out)."""
+
+
+def check_interaction_columns(config) -> None:
+    """Refuse, before any data loads, a run whose ``.inter`` file (or ``load_col``) lacks a column it needs: the
+    time of a sequential model, the field ``threshold`` labels by. Reads the file's header line only."""
+    from recbole.utils import ModelType
+
+    parts = config["benchmark_filename"]
+    path = Path(config["data_path"]) / (f"{config['dataset']}.{parts[0]}.inter" if parts else f"{config['dataset']}.inter")
+    with open(path) as f:
+        columns = [name.split(":")[0] for name in f.readline().rstrip("\n").split("\t")]
+    load_col = config["load_col"]
+    loaded = columns if not isinstance(load_col, dict) or "inter" not in load_col else list(load_col["inter"])
+    needs = []
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
+        needs.append((config["TIME_FIELD"], f"{config['model']} is sequential: it orders each user's interactions by "
+                                            "time"))
+    for field in dict(config["threshold"] or {}):
+        needs.append((field, f"threshold={config['threshold']} labels each interaction by it"))
+    for field, why in needs:
+        if field not in columns:
+            raise MissingColumnError(
+                f"{path} has no '{field}' column (its columns: {', '.join(columns)}), but {why}. Use a dataset with "
+                f"it, or change the setting (e.g. --threshold=\"{{<rating column>: 4}}\" for a labeled run).")
+        if field not in loaded:
+            raise MissingColumnError(
+                f"load_col.inter loads {loaded}, not '{field}', but {why}; add it, e.g. "
+                f"--load_col=\"{{inter: [{', '.join([*loaded, field])}]}}\".")
+
+
 def ensure_dataset_files(dataset: str, data_path: str | os.PathLike, benchmark_filename=None) -> Path:
     """Make sure RecBole will find ``dataset``'s atomic files in ``data_path`` (the per-dataset folder).
 

@@ -15,6 +15,7 @@ collaborative one by self-supervision) and reranked for recency; LoRA tunes the 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from recbole_llm.settings import SettingError
 from recbole_llm.retrieval.history import history_similarity, select_history
 from recbole_llm.trainer.fingerprint import backbone_fingerprint
 from recbole_llm.trainer.llm_trainer import LLMTrainer
+
+logger = logging.getLogger(__name__)
 
 # [CODE rag/get_text_description.py] (the typo "asistant" is the official code's)
 DESCRIPTION_SYSTEM = "You are a friendly and helpful asistant who always responds to the query from users"
@@ -268,6 +271,10 @@ class RALLRec(SequentialRecommender):
         source = Path(dataset.dataset_path) / f"{dataset.dataset_name}.user"
         tokens = dataset.field2id_token[dataset.uid_field]
         anonymous = ("", "the user")
+        if fields and not source.is_file():
+            logger.warning("rallrec_user_fields names %s, but %s has no user file (%s): prompts carry no "
+                           "demographics. Add the .user file, or set rallrec_user_fields: ~ for this dataset.",
+                           sorted(fields), dataset.dataset_name, source)
         if not fields or not source.is_file():
             return [anonymous] * len(tokens)
         table = read_item_table(source).drop_duplicates(dataset.uid_field).set_index(dataset.uid_field)
