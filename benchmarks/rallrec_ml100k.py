@@ -3,6 +3,7 @@
     python benchmarks/rallrec_ml100k.py                          # 2-core CPU budget (--preset=cpu)
     python benchmarks/rallrec_ml100k.py --preset=none            # the paper-like defaults (GPU)
     python benchmarks/rallrec_ml100k.py --only=ablations --runs="no retrieval"   # some runs of one part
+    python benchmarks/rallrec_ml100k.py --only=before --only=rallrec   # layer-0 vectors + constant lr vs the defaults
 
 Protocol (RALLRec's, recorded with every result): label = rating >= 4, rows with >= 5 earlier interactions,
 global temporal 8:1:1 split over rows in exact (time, user, item) order, AUC / LogLoss / Accuracy on a seeded sample
@@ -34,6 +35,9 @@ def rallrec_runs(samples: int) -> dict[str, list[tuple[str, dict]]]:
     """The RALLRec runs by part; the curve scales the configuration's number of training prompts."""
     return {
         "rallrec": [("RALLRec", {})],
+        # issue 15, items 3 and 5: LightGCN's layer-0 table and a constant rate, as before that issue
+        "before": [("RALLRec (layer-0 vectors, constant lr)", {"rallrec_cf_vectors": "table",
+                                                                "lr_scheduler": "constant"})],
         "ablations": [
             ("RALLRec (no retrieval: last K)", {"rallrec_prompt": "simple", "rallrec_train_prompts": ["simple"]}),
             ("RALLRec (text-only retrieval)", {"rallrec_embedding": "text"}),
@@ -62,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--preset", default="cpu", help="properties/presets/<Model>-<preset>.yaml, or 'none'")
     parser.add_argument("--models", default=",".join(BASELINES), help="RecBole CTR baselines to run")
-    parser.add_argument("--only", choices=["baselines", "rallrec", "ablations", "curve"], action="append",
+    parser.add_argument("--only", choices=["baselines", "rallrec", "before", "ablations", "curve"], action="append",
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--runs", action="append", default=[],
                         help="run only the runs whose label contains this text (repeatable); default: all")
@@ -74,7 +78,7 @@ def main(argv=None) -> None:
     baselines = [m for m in args.models.split(",") if m]
     protocol = comparison_protocol(["RALLRec", *baselines], args.dataset, config_dict=common)
     samples = int(make_config("RALLRec", args.dataset, config_dict=common)["rallrec_train_samples"])
-    parts = args.only or ["baselines", "rallrec", "ablations", "curve"]
+    parts = args.only or ["baselines", "rallrec", "before", "ablations", "curve"]
     runs = [(name, name, common) for name in baselines] if "baselines" in parts else []
     for part, part_runs in rallrec_runs(samples).items():
         if part in parts:

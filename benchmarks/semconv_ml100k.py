@@ -5,6 +5,7 @@
     python benchmarks/semconv_ml100k.py --only=ablations        # one part: baselines | semconv | curve | ablations
     python benchmarks/semconv_ml100k.py --semconv_preset=cpu-long --only=semconv   # SemConv's longer CPU budget
     python benchmarks/semconv_ml100k.py --only=ablations --runs="negative task" --runs="task only"   # some runs
+    python benchmarks/semconv_ml100k.py --only=before --only=semconv   # layer-0 vectors + constant lr vs the defaults
 
 Every model runs through recbole_llm's pipeline on one protocol (leave-one-out by time, full ranking, Recall@5/@10
 and NDCG@5/@10, ``exclude_history`` resolved once for all: RecBole's sequential default, history kept).
@@ -37,6 +38,9 @@ def semconv_runs(weights: dict) -> dict[str, list[tuple[str, dict]]]:
     scaled = lambda share: {**weights, "sequential": weights["sequential"] * share}  # noqa: E731
     return {
         "semconv": [("SemConv", {})],
+        # issue 15, items 3 and 5: LightGCN's layer-0 table and a constant rate, as before that issue
+        "before": [("SemConv (layer-0 vectors, constant lr)", {"semconv_cf_vectors": "table",
+                                                                "lr_scheduler": "constant", "lr_warmup": 0})],
         "curve": [(f"SemConv ({label} of the windows)", {"semconv_task_weights": scaled(share)})
                   for label, share in (("1/4", 0.25), ("1/2", 0.5))],
         "ablations": [
@@ -73,7 +77,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="cpu", help="properties/presets/<Model>-<preset>.yaml, or 'none'")
     parser.add_argument("--semconv_preset", default=None, help="another preset for the SemConv runs (e.g. cpu-long)")
     parser.add_argument("--models", default=",".join(BASELINES), help="baselines to run")
-    parser.add_argument("--only", choices=["baselines", "semconv", "curve", "ablations"], action="append",
+    parser.add_argument("--only", choices=["baselines", "semconv", "before", "curve", "ablations"], action="append",
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--runs", action="append", default=[],
                         help="run only the runs whose label contains this text (repeatable); default: all")
@@ -88,7 +92,7 @@ def main(argv=None) -> None:
     protocol = comparison_protocol(["SemConv", *baselines], args.dataset, config_dict=common)
     semconv = {**common, "preset": args.semconv_preset} if args.semconv_preset else common
     weights = dict(make_config("SemConv", args.dataset, config_dict=semconv)["semconv_task_weights"])
-    parts = args.only or ["baselines", "semconv", "curve", "ablations"]
+    parts = args.only or ["baselines", "semconv", "before", "curve", "ablations"]
     runs = [(name, name, common) for name in baselines] if "baselines" in parts else []
     for part, part_runs in semconv_runs(weights).items():
         if part in parts:
