@@ -186,8 +186,9 @@ FOREIGN_WARNINGS = (
      "torch on RecBole's Trainer.__init__, which builds a disabled CUDA grad scaler"),
     (UserWarning, r"torch\.sparse\.SparseTensor\(indices, values, shape", r"recbole\.",
      "torch on the sparse adjacency of RecBole's graph models (LightGCN, NGCF, ...)"),
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"peft\.",
-     "transformers on peft's get_peft_model, which probes the old attribute name"),
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils",
+     "peft's get_peft_model probes the old attribute name (transformers' warning names its own line); "
+     "recbole_llm uses the current activation-checkpointing API"),
 )
 # Log records of foreign libraries a user cannot act on: (logger name, message substring, why)
 FOREIGN_LOG_RECORDS = (
