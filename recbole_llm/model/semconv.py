@@ -279,6 +279,7 @@ class SemConv(SequentialRecommender):
             text = mean_pooled_embeddings(self.llm, self.tokenizer, self.item_texts[1:])
         # items no training interaction reached keep a random vector: regressed from their text instead
         items = regress_cold_items(collaborative.items[1:], cold, text)
+        text = text if lambda_align > 0 else None  # the codebooks align with it only under a positive weight
         hidden = int(config["semconv_rq_hidden"])
         code_dim = int(config["semconv_rq_code_dim"])
         codes[1:], stats, codebook = learn_semantic_ids(
