@@ -50,7 +50,8 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """``logits`` with every token outside the smallest set of probability mass >= ``top_p`` set to -inf (the
     most likely token always stays), as transformers' ``TopPLogitsWarper``."""
     ordered, order = logits.sort(dim=-1, descending=True)
-    mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
+    probs = ordered.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
     drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, mass_before >= top_p)
     return logits.masked_fill(drop, float("-inf"))
 
