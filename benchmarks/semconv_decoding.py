@@ -70,18 +70,16 @@ def main(argv=None) -> None:
     # the processors alone, on one step's scores of a full beam batch
     from transformers import PrefixConstrainedLogitsProcessor
 
-    from recbole_llm.semantic_ids.trie import TrieConstrainedLogitsProcessor, reference_allowed_tokens_fn
+    from recbole_llm.llm.token_trie import TrieConstrainedLogitsProcessor, reference_allowed_tokens_fn
 
     rows, vocab, prompt = batch * model.beams, model.llm.get_output_embeddings().out_features, 8
     prefixes = model.item_codes[1:][torch.randint(model.n_items - 1, (rows,))][:, :2]
     input_ids = torch.cat([torch.zeros(rows, prompt, dtype=torch.long), model.vocabulary.level_tokens[
         torch.arange(2), prefixes].cpu()], dim=1)
     scores = torch.randn(rows, vocab)
-    ours = TrieConstrainedLogitsProcessor(model.trie.to("cpu"), model.vocabulary.level_tokens.cpu(),
-                                          model.vocabulary.code_of_token.cpu(), prompt, model.eos)
-    reference = PrefixConstrainedLogitsProcessor(reference_allowed_tokens_fn(
-        [tuple(c) for c in model.item_codes[1:].tolist()], model.vocabulary.level_tokens.cpu(), prompt, model.eos),
-        model.beams)
+    ours = TrieConstrainedLogitsProcessor(model.trie.to("cpu"), prompt, model.eos)
+    reference = PrefixConstrainedLogitsProcessor(reference_allowed_tokens_fn(model.code_tokens[1:], prompt, model.eos),
+                                                 model.beams)
     step_ours = best_of(20, lambda: ours(input_ids, scores)) * 1e3
     step_reference = best_of(3, lambda: reference(input_ids, scores)) * 1e3
 

@@ -156,19 +156,24 @@ def _stage(value) -> str | None:
 
 
 SEMCONV_TASKS = ("sequential", "text", "query", "negative")
+ILM_TASKS = ("sequential", "item", "user")
+ILM_PHASE_ONE_LOSSES = ("itc", "itm", "itg", "iic", "uic")
 
 
-def _task_weights(value) -> str | None:
-    if not isinstance(value, Mapping):
-        return "it is not a mapping"
-    unknown = [key for key in value if key not in SEMCONV_TASKS]
-    if unknown:
-        return f"{unknown[0]!r} is not a task{closest(str(unknown[0]), SEMCONV_TASKS)}"
-    if not all(_is_number(w) and w >= 0 for w in value.values()):
-        return "every weight must be a number >= 0"
-    if not any(value.values()):
-        return "every weight is 0, so there is nothing to train on"
-    return None
+def _weights(names: tuple[str, ...], what: str) -> Callable[[object], str | None]:
+    def check(value) -> str | None:
+        if not isinstance(value, Mapping):
+            return "it is not a mapping"
+        unknown = [key for key in value if key not in names]
+        if unknown:
+            return f"{unknown[0]!r} is not a {what}{closest(str(unknown[0]), names)}"
+        if not all(_is_number(w) and w >= 0 for w in value.values()):
+            return "every weight must be a number >= 0"
+        if not any(value.values()):
+            return "every weight is 0, so there is nothing to train on"
+        return None
+
+    return check
 
 
 # Keys of every model: RecBole's training keys users most often set by hand, and recbole_llm's shared keys.
@@ -254,7 +259,8 @@ MODEL_KEYS: dict[str, dict[str, Setting]] = {
         "semconv_lambda_align": number(at_least=0, example="0.1"),
         "semconv_align_tau": number(above=0, example="0.1"),
         "semconv_task_weights": Setting(
-            f"a mapping of {' | '.join(SEMCONV_TASKS)} to weights >= 0", _task_weights, example="{sequential: 1.0}"),
+            f"a mapping of {' | '.join(SEMCONV_TASKS)} to weights >= 0", _weights(SEMCONV_TASKS, "task"),
+            example="{sequential: 1.0}"),
         "semconv_window_items": integer(2),
         "semconv_window_context": integer(0),
         "semconv_query_history": integer(0),
@@ -300,6 +306,39 @@ MODEL_KEYS["RALLRec"] = {
     "rallrec_score_batch_size": integer(1),
     "rallrec_user_fields": string_mapping("{gender: gender, age: age, job: occupation}"),
     "rallrec_user_values": mapping("{age: {1: under 18}}"),
+}
+
+
+MODEL_KEYS["ILM"] = {
+    "ilm_adaptor": choice("qformer", "mlp"),
+    "ilm_phase1": boolean(),
+    "ilm_queries": integer(1),
+    "ilm_encoder_tokens": integer(1),
+    "ilm_qformer_path": text(nullable=True, example="bert-base-uncased"),
+    "ilm_qformer_init": choice("bert", "random"),
+    "ilm_qformer_layers": integer(1),
+    "ilm_mlp_hidden": integer(1),
+    "ilm_cf_model": text(example="BPR"),
+    "ilm_cf_item_table": text(example="item_embedding"),
+    "ilm_cf_user_table": text(example="user_embedding"),
+    "ilm_cf_vectors": choice("scoring", "table"),
+    "ilm_cf_epochs": integer(1),
+    "ilm_cf_settings": mapping("{embedding_size: 64}"),
+    "ilm_phase1_epochs": integer(1),
+    "ilm_phase1_batch_size": integer(2),
+    "ilm_phase1_lr": number(above=0, example="0.0001"),
+    "ilm_phase1_losses": Setting(f"a mapping of {' | '.join(ILM_PHASE_ONE_LOSSES)} to weights >= 0",
+                                 _weights(ILM_PHASE_ONE_LOSSES, "phase-1 loss"), example="{itc: 1, itg: 1}"),
+    "ilm_phase1_text_tokens": integer(4),
+    "ilm_itc_dim": integer(1),
+    "ilm_uic_min_rating": number(example="4"),
+    "ilm_task_weights": Setting(f"a mapping of {' | '.join(ILM_TASKS)} to weights >= 0",
+                                _weights(ILM_TASKS, "task"), example="{sequential: 1.0}"),
+    "ilm_history_titles": boolean(),
+    "max_history_items": integer(1),
+    "max_item_tokens": integer(1),
+    "ilm_beams": integer(1),
+    "generation_batch_size": integer(1),
 }
 
 

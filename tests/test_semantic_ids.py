@@ -1,21 +1,17 @@
-"""Semantic-ID libraries: the ResidualVQ API we build on, unique codes and their statistics, the prefix trie, the
-vectorised beam-search constraint against transformers' reference, packed windows, and trainable new tokens."""
+"""Semantic-ID libraries: the ResidualVQ API we build on, unique codes and their statistics, packed windows, and trainable new tokens."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
-from transformers import PrefixConstrainedLogitsProcessor
 
 from recbole_llm.data.packing import pack_window, prefix_example, sequence_windows
 from recbole_llm.llm.backbone import load_backbone
 from recbole_llm.llm.new_tokens import ExtendedEmbedding, ExtendedHead, add_trainable_tokens
 from recbole_llm.model.losses import info_nce
-from recbole_llm.semantic_ids import CodeTrie, CodeVocabulary, TrieConstrainedLogitsProcessor, code_token_names
-from recbole_llm.semantic_ids.trie import reference_allowed_tokens_fn
+from recbole_llm.semantic_ids import code_token_names
 from recbole_llm.semantic_ids.quantizer import (
     code_statistics,
     collision_rate,
@@ -115,66 +111,6 @@ def test_random_codes_are_unique_and_spread():
     assert len(torch.unique(codes, dim=0)) == 500 and stats.usage == [1.0, 1.0, 1.0]
     usage, perplexity = code_statistics(torch.tensor([[0], [0], [1], [1]]), 4)
     assert usage == [0.5] and perplexity[0] == pytest.approx(2.0)
-
-
-# ------------------------------------------------------------------------------------------------- trie
-CATALOGUE = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 2, 0], [3, 3, 3], [1, 0, 2]])
-
-
-def test_trie_admits_exactly_the_catalogue_codes():
-    trie = CodeTrie(CATALOGUE, 4)
-    assert sorted(trie.codes()) == sorted(map(tuple, CATALOGUE.tolist()))
-    assert trie.items(CATALOGUE).tolist() == [0, 1, 2, 3, 4]
-    every = torch.tensor(list(itertools.product(range(4), repeat=3)))
-    found = trie.items(every)
-    assert int((found >= 0).sum()) == 5 and set(map(tuple, every[found >= 0].tolist())) == set(map(tuple, CATALOGUE.tolist()))
-
-
-def test_trie_allows_the_children_of_each_prefix_and_nothing_after_a_dead_end():
-    trie = CodeTrie(CATALOGUE, 4)
-    assert trie.allowed(torch.empty(1, 0, dtype=torch.long))[0].tolist() == [True, True, False, True]
-    assert trie.allowed(torch.tensor([[0, 1]]))[0].tolist() == [False, False, True, True]
-    assert trie.allowed(torch.tensor([[2]]))[0].tolist() == [False] * 4  # no item starts with 2
-    with pytest.raises(ValueError, match="share a code"):
-        CodeTrie(torch.tensor([[0, 1], [0, 1]]), 4)
-
-
-def test_banned_items_close_the_prefixes_that_lead_only_to_them():
-    trie = CodeTrie(CATALOGUE, 4)
-    banned = torch.tensor([[True, True, False, False, False],  # row 0: items (0,1,2) and (0,1,3)
-                           [False, False, False, False, False]])
-    open_states = trie.open_states(banned)
-    root = torch.empty(2, 0, dtype=torch.long)
-    # row 0 can still start with 0 (item (0,2,0)), but prefix (0,1) now leads only to banned items
-    assert trie.allowed(root, open_states).tolist() == [[True, True, False, True], [True, True, False, True]]
-    assert trie.allowed(torch.tensor([[0], [0]]), open_states).tolist() == [[False, False, True, False],
-                                                                             [False, True, True, False]]
-    assert trie.allowed(torch.tensor([[0, 1], [0, 1]]), open_states).tolist() == [[False] * 4,
-                                                                                   [False, False, True, True]]
-
-
-def test_vectorised_constraint_allows_exactly_what_the_reference_allows():
-    generator = torch.Generator().manual_seed(0)
-    levels, size, vocab, eos, prompt = 3, 6, 40, 1, 5
-    codes = torch.unique(torch.randint(size, (30, levels), generator=generator), dim=0)
-    trie = CodeTrie(codes, size)
-    level_tokens = torch.arange(10, 10 + levels * size).view(levels, size)
-    vocabulary = CodeVocabulary(level_tokens.flatten().tolist(), levels, size, vocab)
-    beams = 4
-    reference = PrefixConstrainedLogitsProcessor(
-        reference_allowed_tokens_fn([tuple(c) for c in codes.tolist()], level_tokens, prompt, eos), beams)
-    ours = TrieConstrainedLogitsProcessor(trie, vocabulary.level_tokens, vocabulary.code_of_token, prompt, eos)
-    for step in range(levels + 1):
-        # beams on valid prefixes of random catalogue codes, and one beam on a prefix no item has
-        rows = codes[torch.randint(len(codes), (2 * beams,), generator=generator), :step]
-        if step:
-            rows[-1, 0] = (size - 1) if not (codes[:, 0] == size - 1).any() else rows[-1, 0]
-        generated = level_tokens[torch.arange(step), rows] if step else rows
-        input_ids = torch.cat([torch.randint(2, 10, (2 * beams, prompt), generator=generator), generated], dim=1)
-        scores = torch.randn(2 * beams, vocab, generator=generator)
-        expected, actual = reference(input_ids, scores.clone()), ours(input_ids, scores.clone())
-        assert torch.equal(torch.isfinite(expected), torch.isfinite(actual)), step
-        assert torch.equal(expected[torch.isfinite(expected)], actual[torch.isfinite(actual)])
 
 
 # ---------------------------------------------------------------------------------------------- packing

@@ -360,8 +360,15 @@ def apply_lora(model, spec: LoraSpec, *, quantized: bool = False, gradient_check
     return get_peft_model(model, config)
 
 
-def backbone_from_config(config, modules_to_save: list[str] | None = None):
-    """``load_backbone`` with the ``llm_*`` and ``lora_*`` keys of a recbole_llm Config."""
+def backbone_from_config(config, modules_to_save: list[str] | None = None, frozen: bool = False):
+    """``load_backbone`` with the ``llm_*`` and ``lora_*`` keys of a recbole_llm Config. ``frozen``: no adapters
+    and no trainable weight (a method that keeps the LLM exactly as published, such as ILM); in eval mode."""
+    if frozen:
+        model, tokenizer = load_backbone(
+            config["llm_path"] or "smollm2-135m", dtype=config["llm_dtype"] or "auto",
+            quantization=str(config["llm_quantization"] or "none"), lora=None, device=config["device"],
+            cache_dir=config["llm_cache_dir"])
+        return model.requires_grad_(False).eval(), tokenizer
     lora = LoraSpec(
         r=int(config["lora_r"] or 0),
         alpha=int(config["lora_alpha"] or 16),

@@ -64,10 +64,12 @@ class ExampleBatches:
             yield TokenBatch.build([self.examples[i] for i in rows], self.pad)
 
 
-def response_token_losses(llm, batch: TokenBatch) -> torch.Tensor:
-    """Cross-entropy of every response token (flattened, in order); the LM head runs on those positions only."""
+def response_token_losses(llm, batch: TokenBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of every response token (flattened, in order); the LM head runs on those positions only.
+    ``inputs_embeds``: the batch's input embeddings, when soft tokens replace some of ``batch.ids``."""
     decoder, lm_head = decoder_and_head(llm)
-    hidden = decoder(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+    prompt = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.ids}
+    hidden = decoder(**prompt, attention_mask=batch.mask).last_hidden_state
     predicts = batch.targets[:, 1:].bool()  # position t predicts token t + 1
     logits = lm_head(hidden[:, :-1][predicts])
     return F.cross_entropy(logits.float(), batch.ids[:, 1:][predicts], reduction="none")

@@ -69,6 +69,7 @@ def sample_continuations(
     top_p: float = 1.0,
     min_new_tokens: int = 0,
     seeds: list[int] | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> Samples:
     """Draw ``num_samples`` continuations of each left-padded prompt in ``input_ids [B, L]``.
 
@@ -76,12 +77,13 @@ def sample_continuations(
     temperature-scaled logits (restricted to the ``top_p`` nucleus; EOS barred before ``min_new_tokens``), which
     draws exactly from that distribution. Prompt b draws its noise from its own generator seeded with
     ``seeds[b]`` (else the global torch generator), so what one prompt samples never depends on which other
-    prompts share its batch, nor on how many batches ran before it.
+    prompts share its batch, nor on how many batches ran before it. ``inputs_embeds``: the prompts' input
+    embeddings, when soft tokens replace some of them.
     """
     batch = input_ids.shape[0]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1)
+    prompt = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
+    out = model(**prompt, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     cache = out.cache
     cache.batch_repeat_interleave(num_samples)
     logits = out.logits[:, -1].float().repeat_interleave(num_samples, 0)
@@ -144,19 +146,26 @@ def beam_search(
     num_beams: int,
     max_new_tokens: int,
     logits_processor=None,
+    eos_token_id: int | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> Beams:
-    """Beam search of exactly ``max_new_tokens`` tokens after each left-padded prompt, from one shared prefill.
+    """Beam search of up to ``max_new_tokens`` tokens after each left-padded prompt, from one shared prefill.
 
     Standard beam search (keep the ``num_beams`` best partial sequences of each prompt at every step, scored by
     the sum of log-softmax over the whole vocabulary); ``logits_processor`` (a transformers ``LogitsProcessor``,
     called with the prompt plus the tokens so far, as ``generate`` calls it) may set scores to -inf to constrain
     the search. For fixed-length outputs it returns what ``generate(num_beams=K, num_return_sequences=K,
     length_penalty=0)`` returns (a test checks it), computing the prompt once instead of K times.
+
+    Variable-length outputs (``eos_token_id``): a beam that wrote EOS is finished; it keeps its score and is padded
+    with EOS while the others go on (each finished sequence scores its own log-probability, no length penalty),
+    and the search stops once every beam is finished. ``inputs_embeds [B, L, H]``: the prompt's input embeddings
+    (soft tokens written over placeholder positions of ``input_ids``, which the processors still see).
     """
     batch, width = input_ids.shape
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1)
+    prompt = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
+    out = model(**prompt, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     cache = out.cache
     step_scores = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
     beams = min(num_beams, step_scores.shape[-1])
@@ -170,6 +179,9 @@ def beam_search(
     position = position_ids[:, -1:].repeat_interleave(beams, 0)
     offsets = (torch.arange(batch, device=input_ids.device) * beams).unsqueeze(1)
     for _ in range(max_new_tokens - 1):
+        finished = running[:, -1] == eos_token_id if eos_token_id is not None else None
+        if finished is not None and bool(finished.all()):
+            break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         out = model(input_ids=running[:, -1:], attention_mask=mask, position_ids=position, cache=cache,
@@ -178,6 +190,10 @@ def beam_search(
         step_scores = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B*K, V]
         if logits_processor is not None:
             step_scores = logits_processor(running, step_scores)
+        if finished is not None:  # a finished beam continues with EOS at no cost, and only with EOS
+            padding = torch.full_like(step_scores[0], float("-inf"))
+            padding[eos_token_id] = 0.0
+            step_scores = torch.where(finished.unsqueeze(1), padding, step_scores)
         vocab = step_scores.shape[-1]
         candidates = (scores.reshape(-1, 1) + step_scores).view(batch, beams * vocab)
         scores, flat = candidates.topk(beams, dim=-1)  # [B, K]

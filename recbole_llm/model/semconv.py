@@ -38,7 +38,8 @@ from recbole_llm.llm.generation import beam_search, left_pad
 from recbole_llm.llm.new_tokens import add_trainable_tokens
 from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
 from recbole_llm.llm.pooling import mean_pooled_embeddings
-from recbole_llm.protocol import excludes_history
+from recbole_llm.llm.token_trie import TokenTrie, TrieConstrainedLogitsProcessor, reference_allowed_tokens_fn
+from recbole_llm.model.beam_ranking import BeamRanking
 from recbole_llm.registry import register_model
 from recbole_llm.settings import SEMCONV_TASKS as TASKS
 from recbole_llm.settings import SettingError
@@ -49,7 +50,6 @@ from recbole_llm.semantic_ids.quantizer import (
     random_semantic_ids,
 )
 from recbole_llm.semantic_ids.tokens import CodeVocabulary, code_token_names
-from recbole_llm.semantic_ids.trie import CodeTrie, TrieConstrainedLogitsProcessor, reference_allowed_tokens_fn
 from recbole_llm.trainer.fingerprint import run_fingerprint
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 
@@ -153,7 +153,7 @@ def training_sequences(dataset) -> list[list[int]]:
 
 # ------------------------------------------------------------------------------------------------- model
 @register_model(trainer=LLMTrainer)
-class SemConv(SequentialRecommender):
+class SemConv(BeamRanking, SequentialRecommender):
     r"""Semantic Convergence: an LLM that reads and writes items as residual-codebook codes.
 
     Stage 1 (alignment tokenization): collaborative item embeddings (RecBole's LightGCN on the training split,
@@ -193,9 +193,7 @@ class SemConv(SequentialRecommender):
                 "(a window repeats that many items as context); e.g. --semconv_window_context=5"
             )
         self._check_catalogue_fits(config)
-        # under exclude_history the evaluator drops every earlier item of a user: the beams avoid them instead
-        self.exclude_history = excludes_history(config)
-        self.train_items = user_sequences(dataset) if self.exclude_history else None
+        self.setup_beam_ranking(config, dataset, "semconv_beams")
         # (every value was checked against recbole_llm.settings when the Config was built)
         self.llm, self.tokenizer = backbone_from_config(config)
         text_builder = ItemTextBuilder.from_config(config)
@@ -213,28 +211,20 @@ class SemConv(SequentialRecommender):
         ids = add_trainable_tokens(self.llm, self.tokenizer, code_token_names(self.levels, self.codebook_size),
                                    seed=self.seed)
         self.vocabulary = CodeVocabulary(ids, self.levels, self.codebook_size, len(self.tokenizer))
-        self.trie = CodeTrie(codes[1:], self.codebook_size)
         self._prepare_tokens()
+        self.trie = TokenTrie(self.code_tokens[1:], end_token=self.eos)  # trie rows are items 1..n-1
         self.last_batch_tokens = 0
         self.last_task_counts = None
 
     def _check_catalogue_fits(self, config) -> None:
         """Refuse, before any model trains, settings the catalogue cannot satisfy."""
-        items, top_k = self.n_items - 1, max(config["topk"])
+        items = self.n_items - 1
         if self.codebook_size ** self.levels < items or self.codebook_size > items:
             raise SettingError(
                 f"semconv_levels={self.levels} x semconv_codebook_size={self.codebook_size} cannot give the {items} "
                 f"items unique codes learnt by k-means: the codes must number at least the items "
                 f"({self.codebook_size}^{self.levels} = {self.codebook_size ** self.levels}) and each codebook at most "
                 f"the items; e.g. --semconv_codebook_size={max(2, min(items, math.ceil(items ** (1 / self.levels)) * 2))}")
-        if self.beams > items:
-            raise SettingError(f"semconv_beams={self.beams} exceeds the {items} items of the catalogue: every beam "
-                               f"past them is wasted search; e.g. --semconv_beams={min(items, 20)}")
-        if top_k > self.beams:
-            raise SettingError(
-                f"topk={config['topk']} asks for {top_k} items per user, but SemConv ranks only its "
-                f"semconv_beams={self.beams} beams (every other item scores -inf, so metrics at {top_k} would count "
-                f"arbitrary items); use --semconv_beams={top_k} or a smaller topk")
 
     # ------------------------------------------------------------------------------------ stage 1: codes
     def _semantic_ids(self, config, dataset):
@@ -379,10 +369,6 @@ class SemConv(SequentialRecommender):
         return self.batch_loss(TokenBatch.build(examples, self.pad, self.device))
 
     # --------------------------------------------------------------------------------------------- scoring
-    def _histories(self, interaction) -> list[list[int]]:
-        lengths = interaction[self.ITEM_SEQ_LEN].tolist()
-        return [seq[:n] for seq, n in zip(interaction[self.ITEM_SEQ].tolist(), lengths)]
-
     def generation_config(self):
         from transformers import GenerationConfig
 
@@ -406,14 +392,11 @@ class SemConv(SequentialRecommender):
 
         ids, mask = left_pad([self.sequential_prompt(h) for h in histories], self.pad, self.device)
         self.trie.to(self.device)
-        self.vocabulary.to(self.device)
         processors = LogitsProcessorList({
             "trie": lambda: [TrieConstrainedLogitsProcessor(
-                self.trie, self.vocabulary.level_tokens, self.vocabulary.code_of_token, ids.shape[1], self.eos,
-                banned=banned[:, 1:] if banned is not None else None)],  # trie rows are items 1..n-1
+                self.trie, ids.shape[1], self.eos, banned=banned[:, 1:] if banned is not None else None)],
             "reference": lambda: [PrefixConstrainedLogitsProcessor(reference_allowed_tokens_fn(
-                [tuple(c) for c in self.item_codes[1:].tolist()], self.vocabulary.level_tokens.cpu(), ids.shape[1],
-                self.eos), self.beams)],
+                self.code_tokens[1:], ids.shape[1], self.eos), self.beams)],
             "none": lambda: [],
         }[constraint]())
         if decoder == "prefill":
@@ -434,39 +417,11 @@ class SemConv(SequentialRecommender):
         first; item id -1 marks a code that is no item (only possible with ``constraint="none"``); ``banned [B,
         n_items]``: items a row may not get (their scores stay -inf where fewer items are left than beams)."""
         tokens, scores = self.generate_code_tokens(histories, constraint, decoder, banned)
-        codes = self.vocabulary.codes(tokens.flatten(0, 1))
-        items = torch.full((len(codes),), -1, dtype=torch.long, device=codes.device)
-        complete = (codes >= 0).all(1)
-        if complete.any():
-            items[complete] = self.trie.items(codes[complete])
+        self.trie.to(tokens.device)
+        items = self.trie.items(tokens.flatten(0, 1))
         items = torch.where(items >= 0, items + 1, -1)  # trie rows are items 1..n-1
         return items.view(scores.shape), scores
 
-    def earlier_items(self, interaction) -> torch.Tensor:
-        """``[B, n_items]`` bool: each row's earlier items (its user's training items and the row's own history),
-        the items the protocol removes from the ranking under ``exclude_history``."""
-        banned = torch.zeros(len(interaction), self.n_items, dtype=torch.bool)
-        for row, (user, history) in enumerate(zip(interaction[self.USER_ID].tolist(), self._histories(interaction))):
-            banned[row, self.train_items.get(user, [])] = True
-            banned[row, history] = True
-        banned[:, 0] = False  # the padding item is no item
-        return banned.to(self.device)
-
-    def full_sort_predict(self, interaction):
-        """``[B, n_items]``: beam log-probabilities of the top ``semconv_beams`` items, -inf elsewhere (under
-        ``exclude_history`` the beams only reach items outside the user's history, so the ranking keeps them all)."""
-        histories = self._histories(interaction)
-        banned = self.earlier_items(interaction) if self.exclude_history else None
-        scores = torch.full((len(histories), self.n_items), float("-inf"), device=self.device)
-        for start in range(0, len(histories), self.generation_batch_size):
-            chunk = slice(start, start + self.generation_batch_size)
-            items, log_probs = self.beam_search(histories[chunk], banned=banned[chunk] if banned is not None else None)
-            rows = torch.arange(len(items), device=self.device).unsqueeze(1).expand_as(items) + start
-            valid = (items > 0) & torch.isfinite(log_probs)
-            scores.index_put_((rows[valid], items[valid]), log_probs[valid], accumulate=False)
-        return scores
-
-    def predict(self, interaction):
-        """Scores of the given items, read from each row's full ranking (-inf outside its beams)."""
-        return self.full_sort_predict(interaction)[torch.arange(len(interaction), device=self.device),
-                                                   interaction[self.ITEM_ID]]
+    def beam_items(self, users: list[int], histories: list[list[int]], banned: torch.Tensor | None = None):
+        """:class:`BeamRanking`'s hook: the beams of each history (SemConv's prompt holds no user)."""
+        return self.beam_search(histories, banned=banned)

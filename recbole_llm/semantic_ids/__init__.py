@@ -1,8 +1,7 @@
-"""Semantic item IDs: residual codebooks (quantizer), code tokens (tokens) and the prefix trie for decoding (trie)."""
+"""Semantic item IDs: residual codebooks (quantizer) and code tokens (tokens). Decoding constrained to the
+catalogue's codes is :mod:`recbole_llm.llm.token_trie`, shared with every method that writes items as tokens."""
 
 from recbole_llm.semantic_ids.quantizer import CodebookStats, learn_semantic_ids, random_semantic_ids
 from recbole_llm.semantic_ids.tokens import CodeVocabulary, code_token_names
-from recbole_llm.semantic_ids.trie import CodeTrie, TrieConstrainedLogitsProcessor
 
-__all__ = ["CodebookStats", "CodeTrie", "CodeVocabulary", "TrieConstrainedLogitsProcessor", "code_token_names",
-           "learn_semantic_ids", "random_semantic_ids"]
+__all__ = ["CodebookStats", "CodeVocabulary", "code_token_names", "learn_semantic_ids", "random_semantic_ids"]

@@ -11,7 +11,8 @@ when all three match:
   an ``.item`` file edited in place is a different input;
 * the recbole_llm version;
 * for recbole_llm's models, the backbone's content (:func:`backbone_fingerprint`): ``llm_path`` names a model, and a
-  local directory retrained in place or a GGUF file replaced under the same name is another model.
+  local directory retrained in place or a GGUF file replaced under the same name is another model; the same for
+  any other pretrained model a model declares (:func:`input_backbones`).
 """
 
 from __future__ import annotations
@@ -108,6 +109,15 @@ def input_datasets(config) -> dict[str, Path]:
     return declared(config) if declared is not None else {}
 
 
+def input_backbones(config) -> dict[str, str]:
+    """Pretrained models a model reads besides ``llm_path``, as ``{name: path}`` (ILM's Q-Former checkpoint): a
+    model class declares them with a static ``input_backbones(config)``; their content is keyed like the LLM's."""
+    from recbole_llm.registry import get_model
+
+    declared = getattr(get_model(config["model"]), "input_backbones", None)
+    return declared(config) if declared is not None else {}
+
+
 def run_fingerprint(config, ignore: Iterable[str] = ()) -> str:
     """Short hash of the resolved configuration, the data files (the run's dataset and the model's
     :func:`input_datasets`), the package version and, for recbole_llm's models, the backbone's content."""
@@ -123,4 +133,6 @@ def run_fingerprint(config, ignore: Iterable[str] = ()) -> str:
     }
     if _reads_backbone(config):
         payload["backbone"] = backbone_fingerprint(config["llm_path"])
+    for name, path in input_backbones(config).items():
+        payload[f"backbone:{name}"] = backbone_fingerprint(path)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
