@@ -242,8 +242,8 @@ def test_slots_are_written_at_their_placeholders_in_order_and_nowhere_else(ilm_c
     assert not torch.allclose(one_by_one[0], one_by_one[1])  # a user and an item differ
 
 
-def test_the_llm_stays_exactly_the_base_model_and_is_never_saved(ilm_config, tmp_path):
-    config, model, (train, valid, _) = build_ilm(ilm_config)
+def test_the_llm_stays_exactly_the_base_model_and_is_never_saved(ilm_config, small_data):
+    config, model, (train, valid, _) = build_ilm({**ilm_config, "data_path": str(small_data)}, "ml-small")
     base, _ = load_backbone("tiny-random", dtype="fp32")
     base.eval()
     prompt = model.render(model.templates["item"], items=[5])
@@ -337,3 +337,102 @@ def test_ranking_deeper_than_the_beams_and_cf_models_without_users_are_refused(i
         build_ilm({**ilm_config, "topk": [10]})
     with pytest.raises(SettingError, match="user embedding table"):
         build_ilm({**ilm_config, "ilm_cf_user_table": "no_such_table"})
+
+
+# --------------------------------------------------------------------------------------- small-data runs
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, data_path) -> Path:
+    """30 users with their first 8 ratings each: 6 training items (5 targets) per user."""
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("small")
+    (root / "ml-small").mkdir()
+    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t")
+    inter = inter[inter["user_id:token"] <= 30].sort_values(["user_id:token", "timestamp:float"])
+    inter.groupby("user_id:token").head(8).to_csv(root / "ml-small" / "ml-small.inter", sep="\t", index=False)
+    (root / "ml-small" / "ml-small.item").write_bytes((data_path / "ml-tiny" / "ml-tiny.item").read_bytes())
+    return root
+
+
+def test_phase_one_is_cached_by_its_own_inputs_and_resumes_after_an_interruption(ilm_config, small_data, monkeypatch):
+    settings = {**ilm_config, "data_path": str(small_data), "ilm_phase1_epochs": 2}
+    config, model, (train, _, _) = build_ilm(settings, "ml-small")
+    trainer = get_trainer(config["MODEL_TYPE"], "ILM")(config, model)
+    folder = trainer.phase_one_dir()
+    same = lambda change: get_trainer(config["MODEL_TYPE"], "ILM")(  # noqa: E731
+        make_config("ILM", "ml-small", config_dict={**settings, **change}), model).phase_one_dir() == folder
+    assert same({"ilm_beams": 4, "learning_rate": 0.01, "epochs": 3, "ilm_task_weights": {"user": 1.0}})
+    for change in ({"ilm_phase1_losses": {"itc": 1.0}}, {"ilm_queries": 2}, {"ilm_cf_epochs": 3},
+                   {"ilm_qformer_init": "random"}, {"ilm_phase1_epochs": 3}, {"ilm_phase1_lr": 0.001}):
+        assert not same(change), change
+
+    epochs_run = []
+    real_epoch = trainer._train_epoch
+
+    def interrupted(batches, epoch_idx, loss_func=None, show_progress=False):
+        epochs_run.append(epoch_idx)
+        if epoch_idx == 1:
+            raise KeyboardInterrupt
+        return real_epoch(batches, epoch_idx, loss_func, show_progress)
+
+    monkeypatch.setattr(trainer, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer._phase_one(show_progress=False)
+    meta = __import__("json").loads((folder / "recbole_llm.json").read_text())
+    assert meta["epoch"] == 0 and not meta["finished"]
+    after_epoch_0 = load_file(folder / "model.safetensors")
+
+    config, model, _ = build_ilm(settings, "ml-small")
+    resumed = get_trainer(config["MODEL_TYPE"], "ILM")(config, model)
+    seen = []
+    real = resumed._train_epoch
+
+    def record(batches, epoch_idx, loss_func=None, show_progress=False):
+        seen.append(epoch_idx)
+        if epoch_idx == 1:  # epoch 0's weights and optimizer state were restored before epoch 1 runs
+            assert all(torch.equal(model.state_dict()[k], v) for k, v in after_epoch_0.items())
+            assert resumed.optimizer.state  # Adam moments restored, not fresh
+        return real(batches, epoch_idx, loss_func, show_progress)
+
+    monkeypatch.setattr(resumed, "_train_epoch", record)
+    resumed._phase_one(show_progress=False)
+    assert seen == [1] and __import__("json").loads((folder / "recbole_llm.json").read_text())["finished"]
+    trained = load_file(folder / "model.safetensors")
+    assert not torch.equal(trained["qformer.query_tokens"], after_epoch_0["qformer.query_tokens"])
+
+    config, model, _ = build_ilm(settings, "ml-small")  # a finished phase 1 is loaded, never retrained
+    again = get_trainer(config["MODEL_TYPE"], "ILM")(config, model)
+    monkeypatch.setattr(again, "_train_epoch", lambda *a, **k: pytest.fail("phase 1 retrained"))
+    again._phase_one(show_progress=False)
+    assert torch.equal(model.qformer.query_tokens.detach(), trained["qformer.query_tokens"])
+
+
+def test_full_run_and_checkpoint_round_trip(ilm_config, small_data):
+    settings = {**ilm_config, "data_path": str(small_data), "learning_rate": 0.01}
+    config, model, (train, valid, test) = build_ilm(settings, "ml-small")
+    fresh = model.projection.weight.detach().clone()
+    trainer = get_trainer(config["MODEL_TYPE"], "ILM")(config, model)
+    trainer.fit(train, valid, saved=True)
+    assert not torch.equal(model.projection.weight, fresh)  # phase 2 trained the projection
+    interaction = next(iter(test))[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model.full_sort_predict(interaction)
+    assert (torch.isfinite(expected).sum(1) == 5).all()  # ilm_beams items per user, -inf elsewhere
+    _, reloaded, _, _, _, reloaded_test = load_model(trainer.saved_model_file)
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        actual = reloaded.full_sort_predict(next(iter(reloaded_test))[0])
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("switch", [{"ilm_adaptor": "mlp"}, {"ilm_phase1": False}], ids=["mlp", "ilm-rand"])
+def test_the_papers_comparisons_run_as_switches(ilm_config, small_data, switch):
+    result = run_recbole_llm("ILM", "ml-small", config_dict={**ilm_config, "data_path": str(small_data), **switch})
+    assert set(result["test_result"]) >= {"recall@5", "ndcg@5"}
+    report = result["model_report"]
+    assert report["phase1"] is False and report["adaptor"] == switch.get("ilm_adaptor", "qformer")
+    assert not list(Path("saved").glob("ILM-ml-small-phase1-*")) and not list(
+        Path(ilm_config["checkpoint_dir"]).glob("ILM-ml-small-phase1-*"))
+    config, model, _ = build_ilm({**ilm_config, "data_path": str(small_data), **switch}, "ml-small")
+    assert hasattr(model, "mlp") != hasattr(model, "qformer")
