@@ -19,8 +19,20 @@ from recbole_llm.quick_start import (  # noqa: E402
 )
 from recbole_llm.registry import get_model, get_trainer, list_models, register_model  # noqa: E402
 
+
+
+def __getattr__(name):
+    # ``recbole_llm.chat(model, message, ...)``: the chat module is callable, and loaded (with ILM) on first use only
+    if name == "chat":
+        import importlib
+
+        return importlib.import_module("recbole_llm.chat")
+    raise AttributeError(f"module 'recbole_llm' has no attribute {name!r}")
+
+
 __all__ = [
     "Config",
+    "chat",
     "compare_models",
     "get_model",
     "get_trainer",

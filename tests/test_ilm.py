@@ -436,3 +436,58 @@ def test_the_papers_comparisons_run_as_switches(ilm_config, small_data, switch):
         Path(ilm_config["checkpoint_dir"]).glob("ILM-ml-small-phase1-*"))
     config, model, _ = build_ilm({**ilm_config, "data_path": str(small_data), **switch}, "ml-small")
     assert hasattr(model, "mlp") != hasattr(model, "qformer")
+
+
+# ------------------------------------------------------------------------------------------- conversation
+def test_chat_answers_like_the_base_llm_and_recommends_catalogue_items(ilm_config, small_data, monkeypatch, capsys):
+    import io
+
+    import recbole_llm
+    from recbole_llm.chat import main as chat_main
+    from recbole_llm.errors import UsageError
+    from recbole_llm.llm.chat_format import chat_frame
+    from recbole_llm.llm.generation import sample_continuations
+
+    settings = {**ilm_config, "data_path": str(small_data), "ilm_phase1": False}
+    config, model, (train, valid, _) = build_ilm(settings, "ml-small")
+    trainer = get_trainer(config["MODEL_TYPE"], "ILM")(config, model)
+    trainer.fit(train, valid, saved=True)
+    base, tokenizer = load_backbone("tiny-random", dtype="fp32")
+
+    def base_reply(turns, message):  # the frozen LLM alone, greedy, on the same conversation
+        before, after = chat_frame(tokenizer, turns)
+        ids = torch.tensor([tokenizer(before + message + after, add_special_tokens=False).input_ids])
+        out = sample_continuations(base.eval(), ids, torch.ones_like(ids), num_samples=1, temperature=0.0,
+                                   max_new_tokens=20, eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.decode(out.tokens[0, 0, : int(out.lengths[0, 0])], skip_special_tokens=True).strip()
+
+    reply = recbole_llm.chat(model, "Can you recommend a movie for me?", user="1", k=3, max_new_tokens=20)
+    assert reply.text == base_reply([], "Can you recommend a movie for me?")  # no slot: the LLM's own words
+    assert len(reply.items) == 3 and len({token for token, _ in reply.items}) == 3
+    for token, title in reply.items:
+        assert model.titles[model.item_tokens.index(token)] == title
+    with torch.no_grad():  # the same items evaluation ranks first for this user's known history
+        expected, _ = model.generate_titles([model.sequential_prompt(model.user_tokens.index("1"),
+                                                                     model.user_history(model.user_tokens.index("1")))],
+                                            beams=3)
+    assert [t for t, _ in reply.items] == [model.item_tokens[i] for i in expected[0].tolist()]
+
+    second = recbole_llm.chat(model, "Thanks. Any other idea?", user="1", history=reply.history, max_new_tokens=20,
+                              recommend=False)
+    assert len(second.history) == 4 and second.items == []
+    assert second.text == base_reply(reply.history, "Thanks. Any other idea?")
+    slotted = recbole_llm.chat(model, "What is {item} about?", items=[reply.items[0][0]], max_new_tokens=20)
+    assert slotted.history[0]["content"] == f"What is {reply.items[0][1]} about?"
+
+    with pytest.raises(UsageError, match="user '99999' is not in the model's dataset"):
+        recbole_llm.chat(model, "hello", user="99999")
+    with pytest.raises(UsageError, match="1 {item} slots and 0 items"):
+        recbole_llm.chat(model, "What is {item}?")
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Please recommend something\nquit\n"))
+    assert chat_main([trainer.saved_model_file, "--user", "1", "--k", "2", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr()
+    assert "  1. " in printed.out and "  2. " in printed.out
+    assert chat_main([str(Path(trainer.saved_model_file).parent / "nothing"), "--user", "1"]) == 2
+    assert chat_main([trainer.saved_model_file, "--user", "99999"]) == 2
+    assert "error: user '99999'" in capsys.readouterr().err

@@ -464,6 +464,9 @@ class ILM(BeamRanking, SequentialRecommender):
     # ----------------------------------------------------------------------------------------------- phase 1
     def _training_data(self, config, dataset) -> None:
         self.sequences = list(user_sequences(dataset).items())
+        self._known_items = dict(self.sequences)
+        self.user_tokens = list(dataset.field2id_token[dataset.uid_field])
+        self.item_tokens = list(dataset.field2id_token[dataset.iid_field])
         self.positions = np.array([(u, p) for u, (_, seq) in enumerate(self.sequences) for p in range(1, len(seq))])
         item_item = [(seq[p - 1], seq[p]) for _, seq in self.sequences for p in range(1, len(seq))]
         inter = dataset.inter_feat
@@ -475,6 +478,10 @@ class ILM(BeamRanking, SequentialRecommender):
             liked = np.ones(len(users), dtype=bool)
         self.pairs = {"item_item": np.array(item_item, dtype=np.int64).reshape(-1, 2),
                       "user_item": np.stack([users[liked], items[liked]], 1).astype(np.int64)}
+
+    def user_history(self, user: int) -> list[int]:
+        """The user's items of the training split, in time order (what the model knows of the user)."""
+        return list(self._known_items.get(user, []))
 
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(0.001, 0.5)
