@@ -354,6 +354,45 @@ def small_data(tmp_path_factory, data_path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def few_data(tmp_path_factory, data_path) -> Path:
+    """8 users with their first 4 ratings each: 2 training items (1 target) per user."""
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("few")
+    (root / "ml-few").mkdir()
+    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t")
+    inter = inter[inter["user_id:token"] <= 8].sort_values(["user_id:token", "timestamp:float"])
+    inter.groupby("user_id:token").head(4).to_csv(root / "ml-few" / "ml-few.inter", sep="\t", index=False)
+    (root / "ml-few" / "ml-few.item").write_bytes((data_path / "ml-tiny" / "ml-tiny.item").read_bytes())
+    return root
+
+
+def _training_recall_at_1(model) -> float:
+    prompts, targets = [], []
+    for user, sequence in model.sequences:
+        for p in range(1, len(sequence)):
+            prompts.append(model.sequential_prompt(user, sequence[:p]))
+            targets.append(sequence[p])
+    model.eval()
+    with torch.no_grad():
+        top = model.generate_titles(prompts)[0][:, 0]
+    return float((top == torch.tensor(targets)).float().mean())
+
+
+def test_the_soft_tokens_learn_to_make_the_frozen_llm_name_each_users_next_item(ilm_config, few_data):
+    # The bundled SmolLM2-135M, frozen: a random tiny LLM attends to nothing (its 0.02-scale weights ignore the
+    # context), so only a pretrained LLM can show that the Q-Former and projection learn to steer it.
+    settings = {**ilm_config, "data_path": str(few_data), "llm_path": "smollm2-135m", "ilm_phase1": False,
+                "learning_rate": 0.005, "epochs": 30, "train_batch_size": 8, "ilm_task_weights": {"sequential": 1.0},
+                "ilm_beams": 3, "topk": [3], "lr_scheduler": "constant", "lr_warmup": 0}
+    config, model, (train, _, _) = build_ilm(settings, "ml-few")
+    assert len(model.positions) == 8
+    assert _training_recall_at_1(model) < 0.2
+    get_trainer(config["MODEL_TYPE"], "ILM")(config, model).fit(train, None, saved=False)
+    assert _training_recall_at_1(model) >= 0.75  # chance: 1 / 1681 titles
+
+
 def test_phase_one_is_cached_by_its_own_inputs_and_resumes_after_an_interruption(ilm_config, small_data, monkeypatch):
     settings = {**ilm_config, "data_path": str(small_data), "ilm_phase1_epochs": 2}
     config, model, (train, _, _) = build_ilm(settings, "ml-small")
