@@ -77,6 +77,17 @@ def data_path(tmp_path_factory) -> Path:
     return root
 
 
+def first_ratings_subset(root: Path, data_path: Path, name: str, users: int, per_user: int) -> Path:
+    """``<root>/<name>``: the first ``per_user`` ratings (in time order) of ml-tiny's first ``users`` users, with the
+    full item file; returns ``root`` (a ``data_path``)."""
+    (root / name).mkdir()
+    inter = pd.read_csv(data_path / TINY / f"{TINY}.inter", sep="\t")
+    inter = inter[inter["user_id:token"] <= users].sort_values(["user_id:token", "timestamp:float"])
+    inter.groupby("user_id:token").head(per_user).to_csv(root / name / f"{name}.inter", sep="\t", index=False)
+    (root / name / f"{name}.item").write_bytes((data_path / TINY / f"{TINY}.item").read_bytes())
+    return root
+
+
 @pytest.fixture
 def base_config(data_path, tmp_path) -> dict:
     return {

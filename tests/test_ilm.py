@@ -36,6 +36,7 @@ from recbole_llm.quick_start import build_model_and_data, load_model, make_confi
 from recbole_llm.registry import get_trainer
 from recbole_llm.settings import SettingError
 
+from conftest import first_ratings_subset
 from oracle import evaluate_with_recbole, history_key, targets_by_history
 
 
@@ -343,29 +344,13 @@ def test_ranking_deeper_than_the_beams_and_cf_models_without_users_are_refused(i
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, data_path) -> Path:
     """30 users with their first 8 ratings each: 6 training items (5 targets) per user."""
-    import pandas as pd
-
-    root = tmp_path_factory.mktemp("small")
-    (root / "ml-small").mkdir()
-    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t")
-    inter = inter[inter["user_id:token"] <= 30].sort_values(["user_id:token", "timestamp:float"])
-    inter.groupby("user_id:token").head(8).to_csv(root / "ml-small" / "ml-small.inter", sep="\t", index=False)
-    (root / "ml-small" / "ml-small.item").write_bytes((data_path / "ml-tiny" / "ml-tiny.item").read_bytes())
-    return root
+    return first_ratings_subset(tmp_path_factory.mktemp("small"), data_path, "ml-small", users=30, per_user=8)
 
 
 @pytest.fixture(scope="module")
 def few_data(tmp_path_factory, data_path) -> Path:
     """8 users with their first 4 ratings each: 2 training items (1 target) per user."""
-    import pandas as pd
-
-    root = tmp_path_factory.mktemp("few")
-    (root / "ml-few").mkdir()
-    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t")
-    inter = inter[inter["user_id:token"] <= 8].sort_values(["user_id:token", "timestamp:float"])
-    inter.groupby("user_id:token").head(4).to_csv(root / "ml-few" / "ml-few.inter", sep="\t", index=False)
-    (root / "ml-few" / "ml-few.item").write_bytes((data_path / "ml-tiny" / "ml-tiny.item").read_bytes())
-    return root
+    return first_ratings_subset(tmp_path_factory.mktemp("few"), data_path, "ml-few", users=8, per_user=4)
 
 
 def _training_recall_at_1(model) -> float:
@@ -530,3 +515,16 @@ def test_chat_answers_like_the_base_llm_and_recommends_catalogue_items(ilm_confi
     assert chat_main([str(Path(trainer.saved_model_file).parent / "nothing"), "--user", "1"]) == 2
     assert chat_main([trainer.saved_model_file, "--user", "99999"]) == 2
     assert "error: user '99999'" in capsys.readouterr().err
+
+
+def test_liked_items_are_the_training_items_rated_at_least_the_threshold_in_the_raw_file(ilm_config, small_data):
+    import pandas as pd
+
+    # normalize_all (ml-100k's RecBole default) rescales ratings to 0..1 inside RecBole: the threshold must not see that
+    _, model, _ = build_ilm({**ilm_config, "data_path": str(small_data), "normalize_all": True}, "ml-small")
+    raw = pd.read_csv(small_data / "ml-small" / "ml-small.inter", sep="\t", dtype=str)
+    rating = {(u, i): float(r) for u, i, r in zip(raw["user_id:token"], raw["item_id:token"], raw["rating:float"])}
+    expected = {(model.user_tokens[u], model.item_tokens[i]) for u, seq in model.sequences for i in seq
+                if rating[(model.user_tokens[u], model.item_tokens[i])] >= 4}
+    found = {(model.user_tokens[u], model.item_tokens[i]) for u, i in model.pairs["user_item"].tolist()}
+    assert found == expected and 0 < len(found) < sum(len(seq) for _, seq in model.sequences)

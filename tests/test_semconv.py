@@ -25,6 +25,7 @@ from recbole_llm.trainer.llm_trainer import LLMTrainer
 from recbole_llm.quick_start import build_model_and_data, load_model, make_config, run_recbole_llm
 from recbole_llm.settings import SettingError
 
+from conftest import first_ratings_subset
 from oracle import evaluate_with_recbole, history_key, targets_by_history
 
 
@@ -358,13 +359,7 @@ def test_oracle_true_codes_rank_by_beam_score_through_full_sort_predict_and_recb
 @pytest.fixture(scope="module")
 def learn_data(tmp_path_factory, data_path) -> Path:
     """30 users with their first 8 ratings each: 6 training items (5 targets) per user."""
-    root = tmp_path_factory.mktemp("learn")
-    (root / "ml-learn").mkdir()
-    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t")
-    inter = inter[inter["user_id:token"] <= 30].sort_values(["user_id:token", "timestamp:float"])
-    inter.groupby("user_id:token").head(8).to_csv(root / "ml-learn" / "ml-learn.inter", sep="\t", index=False)
-    (root / "ml-learn" / "ml-learn.item").write_bytes((data_path / "ml-tiny" / "ml-tiny.item").read_bytes())
-    return root
+    return first_ratings_subset(tmp_path_factory.mktemp("learn"), data_path, "ml-learn", users=30, per_user=8)
 
 
 def _training_recall_at_1(model, train_dataset) -> float:

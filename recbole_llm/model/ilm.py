@@ -469,15 +469,9 @@ class ILM(BeamRanking, SequentialRecommender):
         self.item_tokens = list(dataset.field2id_token[dataset.iid_field])
         self.positions = np.array([(u, p) for u, (_, seq) in enumerate(self.sequences) for p in range(1, len(seq))])
         item_item = [(seq[p - 1], seq[p]) for _, seq in self.sequences for p in range(1, len(seq))]
-        inter = dataset.inter_feat
-        users, items = inter[dataset.uid_field].numpy(), inter[dataset.iid_field].numpy()
-        rating_field = config["RATING_FIELD"]
-        if rating_field and rating_field in inter.interaction:
-            liked = inter[rating_field].numpy() >= float(config["ilm_uic_min_rating"])
-        else:
-            liked = np.ones(len(users), dtype=bool)
         self.pairs = {"item_item": np.array(item_item, dtype=np.int64).reshape(-1, 2),
-                      "user_item": np.stack([users[liked], items[liked]], 1).astype(np.int64)}
+                      "user_item": liked_interactions(dataset, [(u, i) for u, seq in self.sequences for i in seq],
+                                                      config["RATING_FIELD"], float(config["ilm_uic_min_rating"]))}
 
     def user_history(self, user: int) -> list[int]:
         """The user's items of the training split, in time order (what the model knows of the user)."""
@@ -599,6 +593,31 @@ class ILM(BeamRanking, SequentialRecommender):
     def run_report(self) -> dict:
         return {"tasks": self.last_task_counts, "cold_items": self.cold_items, "adaptor": self.adaptor,
                 "phase1": self.runs_phase_one}
+
+
+def liked_interactions(dataset, interactions: list[tuple[int, int]], rating_field: str | None,
+                       min_rating: float) -> np.ndarray:
+    """``[M, 2]``: the (user id, item id) ``interactions`` whose rating in the raw ``.inter`` file is at least
+    ``min_rating`` (UIC's positives). The raw file is read because RecBole normalises float fields in place
+    (``normalize_all``: ml-100k's ratings become 0..1); without a rating column every interaction counts."""
+    import pandas as pd
+
+    pairs = np.array(interactions, dtype=np.int64).reshape(-1, 2)
+    source = Path(dataset.dataset_path) / f"{dataset.dataset_name}.inter"
+    header = pd.read_csv(source, sep="\t", nrows=0).columns
+    columns = {name.split(":")[0]: name for name in header}
+    if not rating_field or rating_field not in columns:
+        return pairs
+    raw = pd.read_csv(source, sep="\t", dtype=str, usecols=[columns[dataset.uid_field], columns[dataset.iid_field],
+                                                             columns[rating_field]])
+    raw.columns = ["user", "item", "rating"]
+    raw["rating"] = raw["rating"].astype(float)
+    best = raw.groupby(["user", "item"])["rating"].max()
+    liked = set(best[best >= min_rating].index)
+    user_tokens = dataset.field2id_token[dataset.uid_field]
+    item_tokens = dataset.field2id_token[dataset.iid_field]
+    keep = np.array([(user_tokens[u], item_tokens[i]) in liked for u, i in pairs.tolist()], dtype=bool)
+    return pairs[keep] if len(pairs) else pairs
 
 
 def disambiguated_titles(titles: list[str], item_tokens: list[str]) -> list[str]:
