@@ -141,7 +141,7 @@ def bert_qformer_state(bert_state: dict[str, torch.Tensor], layers: int) -> dict
                 continue
             rest = key[len(prefix):]
             for source, targets in renames.items():
-                if rest.startswith(source) and not (source == "output." and rest.startswith("attention.")):
+                if rest.startswith(source):
                     for target in targets:
                         out[f"qformer.encoder.layer.{layer}.{target}{rest[len(source):]}"] = value
                     break
