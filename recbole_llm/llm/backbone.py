@@ -363,25 +363,20 @@ def apply_lora(model, spec: LoraSpec, *, quantized: bool = False, gradient_check
 def backbone_from_config(config, modules_to_save: list[str] | None = None, frozen: bool = False):
     """``load_backbone`` with the ``llm_*`` and ``lora_*`` keys of a recbole_llm Config. ``frozen``: no adapters
     and no trainable weight (a method that keeps the LLM exactly as published, such as ILM); in eval mode."""
-    if frozen:
-        model, tokenizer = load_backbone(
-            config["llm_path"] or "smollm2-135m", dtype=config["llm_dtype"] or "auto",
-            quantization=str(config["llm_quantization"] or "none"), lora=None, device=config["device"],
-            cache_dir=config["llm_cache_dir"])
-        return model.requires_grad_(False).eval(), tokenizer
-    lora = LoraSpec(
+    lora = None if frozen else LoraSpec(
         r=int(config["lora_r"] or 0),
         alpha=int(config["lora_alpha"] or 16),
         dropout=float(config["lora_dropout"] or 0.0),
         target_modules=list(config["lora_target_modules"] or ["q_proj", "v_proj"]),
         modules_to_save=modules_to_save,
     )
-    return load_backbone(
+    model, tokenizer = load_backbone(
         config["llm_path"] or "smollm2-135m",
         dtype=config["llm_dtype"] or "auto",
         quantization=str(config["llm_quantization"] or "none"),
         lora=lora,
-        gradient_checkpointing=bool(config["llm_gradient_checkpointing"]),
+        gradient_checkpointing=bool(config["llm_gradient_checkpointing"]) and not frozen,
         device=config["device"],
         cache_dir=config["llm_cache_dir"],
     )
+    return (model.requires_grad_(False).eval(), tokenizer) if frozen else (model, tokenizer)
