@@ -99,3 +99,53 @@ def test_vectorised_constraint_allows_exactly_what_the_reference_allows(variable
         expected, actual = reference(input_ids, scores.clone()), ours(input_ids, scores.clone())
         assert torch.equal(torch.isfinite(expected), torch.isfinite(actual)), step
         assert torch.equal(expected[torch.isfinite(expected)], actual[torch.isfinite(actual)])
+
+
+def test_title_beam_search_is_exhaustive_exact_and_never_feeds_a_finished_beam():
+    """With as many beams as titles, constrained beam search must return every title, ranked by its log-probability
+    under the model (computed here by one plain forward pass per title), whatever else shares the batch; a beam
+    that wrote EOS leaves the model's batch (fed again, it would cost a decoding step per beam for nothing)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recbole_llm.llm.generation import beam_search, left_pad
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                         eos_token_id=EOS, pad_token_id=0)).eval()
+    titles = TITLES + [[27], [28, 29, 30, 31, 32, 33]]
+    trie = TokenTrie(titles, end_token=EOS)
+    prompts = [[5, 6, 7, 8], [9, 2]]
+    fed = []
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        if kwargs.get("cache") is not None:  # a decoding step (the prefill has no cache yet)
+            fed.append(kwargs["input_ids"])
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
+
+    def search(batch_prompts):
+        ids, mask = left_pad(batch_prompts, 0)
+        processor = TrieConstrainedLogitsProcessor(trie, ids.shape[1], EOS)
+        return beam_search(model, ids, mask, num_beams=len(titles), max_new_tokens=trie.max_length,
+                           logits_processor=processor, eos_token_id=EOS)
+
+    found = search(prompts)
+    assert fed and all(EOS not in step.flatten().tolist() for step in fed)
+    assert min(len(step) for step in fed) < len(prompts) * len(titles)
+    for row, prompt in enumerate(prompts):
+        expected = {}
+        for index, title in enumerate(titles):
+            sequence = torch.tensor([prompt + title + [EOS]])
+            with torch.no_grad():
+                logits = forward(input_ids=sequence).logits[0]
+            log_probs = torch.log_softmax(logits[len(prompt) - 1:-1].float(), -1)
+            expected[index] = float(log_probs.gather(1, sequence[0, len(prompt):, None]).sum())
+        items = trie.items(found.tokens[row]).tolist()
+        assert sorted(items) == list(range(len(titles)))  # every title once, nothing else
+        assert items == sorted(expected, key=expected.get, reverse=True)
+        assert found.scores[row].tolist() == pytest.approx([expected[i] for i in items], abs=1e-4)
+        alone = search([prompt])
+        assert trie.items(alone.tokens[0]).tolist() == items

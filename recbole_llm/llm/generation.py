@@ -159,7 +159,8 @@ def beam_search(
 
     Variable-length outputs (``eos_token_id``): a beam that wrote EOS is finished; it keeps its score and is padded
     with EOS while the others go on (each finished sequence scores its own log-probability, no length penalty),
-    and the search stops once every beam is finished. ``inputs_embeds [B, L, H]``: the prompt's input embeddings
+    and the search stops once every beam is finished. A finished beam leaves the model's batch (its cache rows are
+    dropped), so a short title costs its own steps only, not those of the longest title beside it. ``inputs_embeds [B, L, H]``: the prompt's input embeddings
     (soft tokens written over placeholder positions of ``input_ids``, which the processors still see).
     """
     batch, width = input_ids.shape
@@ -178,26 +179,45 @@ def beam_search(
     mask = attention_mask.repeat_interleave(beams, 0)
     position = position_ids[:, -1:].repeat_interleave(beams, 0)
     offsets = (torch.arange(batch, device=input_ids.device) * beams).unsqueeze(1)
+    rows = batch * beams
+    # The cache holds only the unfinished beams (`live`, in row order): a finished beam is never fed again, so
+    # titles of different lengths cost what each one needs, not what the longest one needs.
+    live = _unfinished(running, eos_token_id)
+    if len(live) < rows:
+        cache.reorder_cache(live)
     for _ in range(max_new_tokens - 1):
-        finished = running[:, -1] == eos_token_id if eos_token_id is not None else None
-        if finished is not None and bool(finished.all()):
+        if len(live) == 0:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = model(input_ids=running[:, -1:], attention_mask=mask, position_ids=position, cache=cache,
-                    use_cache=True)
+        out = model(input_ids=running[live, -1:], attention_mask=mask[live], position_ids=position[live],
+                    cache=cache, use_cache=True)
         cache = out.cache
-        step_scores = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B*K, V]
+        live_scores = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [live, V]
+        vocab = live_scores.shape[-1]
+        step_scores = live_scores.new_zeros((rows, vocab))  # finished rows: overwritten below
+        step_scores[live] = live_scores
         if logits_processor is not None:
             step_scores = logits_processor(running, step_scores)
-        if finished is not None:  # a finished beam continues with EOS at no cost, and only with EOS
-            padding = torch.full_like(step_scores[0], float("-inf"))
+        finished = torch.ones(rows, dtype=torch.bool, device=running.device)
+        finished[live] = False
+        if bool(finished.any()):  # a finished beam continues with EOS at no cost, and only with EOS
+            padding = torch.full_like(live_scores[0], float("-inf"))
             padding[eos_token_id] = 0.0
             step_scores = torch.where(finished.unsqueeze(1), padding, step_scores)
-        vocab = step_scores.shape[-1]
         candidates = (scores.reshape(-1, 1) + step_scores).view(batch, beams * vocab)
         scores, flat = candidates.topk(beams, dim=-1)  # [B, K]
         origin = (offsets + torch.div(flat, vocab, rounding_mode="floor")).reshape(-1)
-        cache.reorder_cache(origin)
         running = torch.cat([running[origin], (flat % vocab).reshape(-1, 1)], dim=1)
+        cache_row = torch.full((rows,), -1, dtype=torch.long, device=running.device)
+        cache_row[live] = torch.arange(len(live), device=running.device)
+        live = _unfinished(running, eos_token_id)
+        cache.reorder_cache(cache_row[origin[live]])
     return Beams(running[:, width:].view(batch, beams, -1), scores)
+
+
+def _unfinished(running: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """Indices of the rows whose last token is not EOS (every row without an EOS)."""
+    if eos_token_id is None:
+        return torch.arange(len(running), device=running.device)
+    return (running[:, -1] != eos_token_id).nonzero().squeeze(1)
