@@ -71,6 +71,7 @@ def cf_config(config, model: str, epochs: int, settings: dict | None = None):
     values["data_path"] = str(Path(config["data_path"]).parent)  # RecBole appended the dataset name
     values["eval_step"] = 0  # no validation: the embeddings of the last epoch are used
     values["eval_max_interactions"] = None
+    values["eval_max_users"] = None
     values["train_on_training_period"] = True  # labeled runs: every interaction of the period, not the scored rows
     return make_config(model, config["dataset"], config_dict=values)
 

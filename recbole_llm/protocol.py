@@ -1,7 +1,8 @@
 """The evaluation protocol: what must be identical for results to share a table, and history exclusion.
 
 The protocol is the split, the metrics and cut-offs, the validation metric, whether a user's earlier items are
-removed from the full ranking (``exclude_history``), and for labeled (CTR) runs the label threshold, the rows kept
+removed from the full ranking (``exclude_history``), the users ranked (all, or a seeded sample: ``eval_max_users``,
+:mod:`recbole_llm.data.eval_sample`), and for labeled (CTR) runs the label threshold, the rows kept
 (``min_history_length``) and the seeded evaluation sample (``eval_max_interactions``, see
 :mod:`recbole_llm.data.labeled`). RecBole decides the last one by model type: its full-sort
 loader removes the training history for general and context models and nothing for sequential models, so in one
@@ -23,7 +24,7 @@ import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import ModelType
 
-PROTOCOL_KEYS = ("eval_args", "metrics", "topk", "valid_metric", "exclude_history", "threshold",
+PROTOCOL_KEYS = ("eval_args", "metrics", "topk", "valid_metric", "exclude_history", "eval_max_users", "threshold",
                  "min_history_length", "eval_max_interactions")
 
 

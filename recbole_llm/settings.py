@@ -212,6 +212,7 @@ COMMON: dict[str, Setting] = {
     "exclude_history": boolean(nullable=True),
     "min_history_length": integer(0),
     "eval_max_interactions": integer(1, nullable=True),
+    "eval_max_users": integer(1, nullable=True),
     "threshold": mapping("{rating: 4}"),
     "preset": text(nullable=True, example="cpu"),
 }

@@ -69,3 +69,47 @@ def test_a_comparison_applies_one_history_setting_to_every_model_and_records_it(
 
 def test_a_general_model_alone_keeps_recboles_default_exclusion(base_config):
     assert _excluded(base_config, "Pop")  # RecBole removes the training history of general models
+
+
+def test_a_user_sample_ranks_the_same_users_for_every_model_with_all_their_rows(base_config, small_sasrec, data_path):
+    every = {}
+    _excluded({**base_config, **small_sasrec}, "SASRec", every)
+    inter = pd.read_csv(data_path / "ml-tiny" / "ml-tiny.inter", sep="\t", dtype=str)
+    assert set(every) == set(inter["user_id:token"])  # leave-one-out: every user has a test row
+    sampled = {}
+    kg = {"embedding_size": 8, "kg_embedding_size": 8,
+          "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"], "kg": ["head_id", "relation_id", "tail_id"],
+                       "link": ["item_id", "entity_id"]}}
+    for model, extra in (("SASRec", small_sasrec), ("Pop", {}), ("CKE", kg)):
+        targets = {}
+        dataset = "ml-tiny-kg" if model == "CKE" else "ml-tiny"
+        settings = {**base_config, **extra, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}}
+        _, (unsampled, _, _), _ = build_model_and_data(make_config(model, dataset, config_dict=settings))
+        data, (train, _, test), _ = build_model_and_data(make_config(model, dataset, config_dict={
+            **settings, "eval_max_users": 17}))
+        assert len(train._dataset) == len(unsampled._dataset)  # training is untouched
+        assert type(test._dataset).__module__.startswith("recbole.")  # parts stay RecBole's own classes
+        for interaction, _, positive_u, positive_i in test:
+            users = interaction[data.uid_field]
+            targets.update({str(data.id2token(data.uid_field, int(users[u]))): str(data.id2token(data.iid_field, int(i)))
+                            for u, i in zip(positive_u, positive_i)})
+        sampled[model] = targets
+    assert len(sampled["SASRec"]) == 17
+    assert sampled["Pop"] == sampled["SASRec"] == sampled["CKE"]  # one sample, whatever the model type and loader
+    assert all(every[user] == item for user, item in sampled["SASRec"].items())  # a sampled user keeps its target
+    other = {}
+    _excluded({**base_config, **small_sasrec, "eval_max_users": 17, "seed": 7}, "SASRec", other)
+    assert set(other) != set(sampled["SASRec"])  # the seed chooses
+
+
+def test_a_user_sample_is_part_of_the_protocol_and_labeled_runs_are_pointed_to_row_samples(base_config, capsys):
+    flags = _flags(base_config)
+    assert main(["--model=Pop", "--dataset=ml-tiny", "--results=sampled.jsonl", "--eval_max_users=9", *flags]) == 0
+    assert main(["--model=Pop", "--dataset=ml-tiny", "--results=every.jsonl", *flags]) == 0
+    record, every = (json.loads(Path(name).read_text()) for name in ("sampled.jsonl", "every.jsonl"))
+    assert record["protocol"]["eval_max_users"] == 9 and every["protocol"]["eval_max_users"] is None
+    assert 9 <= record["test_rows"] < every["test_rows"] / 3  # all test rows of 9 of the 60 users
+    labeled = {"eval_args": "{split: {RS: [0.8, 0.1, 0.1]}, order: TO, mode: labeled}",
+               "threshold": "{rating: 4}", "metrics": "[AUC]", "valid_metric": "AUC"}
+    assert main(["--model=LR", "--dataset=ml-tiny", "--eval_max_users=9", *flags, *_flags(labeled)]) == 2
+    assert "--eval_max_interactions=9" in capsys.readouterr().err

@@ -177,6 +177,10 @@ def labeled_dataset_class(config):
                 f"(eval_args.mode: labeled); this run evaluates with mode {config['eval_args']['mode']}. "
                 "Remove them or use a labeled protocol.")
         return None
+    if config["eval_max_users"] is not None:
+        raise LabeledProtocolError(
+            "eval_max_users samples the users of a ranking run; a labeled (CTR) run scores rows: use "
+            f"--eval_max_interactions={config['eval_max_users']} instead (a seeded sample of valid and test rows).")
     if hasattr(recbole_datasets, config["model"] + "Dataset"):
         return None
     return {ModelType.SEQUENTIAL: LabeledSequentialDataset, ModelType.GENERAL: LabeledDataset,
