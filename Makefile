@@ -24,13 +24,13 @@ test: install
 
 demo: install
 	# The cpu presets of BENCHMARKS.md, trimmed further on the command line so that the four models fit 25 minutes
-	# on 2 cores: every model ranks for the same seeded 300 of ml-100k's 943 users (eval_max_users: LLM ranking is
+	# on 2 cores: every model ranks for the same seeded 200 of ml-100k's 943 users (eval_max_users: LLM ranking is
 	# most of an LLM method's time on a CPU); CALRec-only keys (stage1_steps, train_max_samples, num_samples) and
 	# SemConv-only keys (a smaller task mixture, fewer LightGCN epochs); ILM runs its cpu preset as it is. Each model
 	# ignores the others' keys.
-	$(PY) run_recbole_llm.py --model=CALRec,SemConv,ILM,SASRec --dataset=ml-100k --preset=cpu --eval_max_users=300 \
+	$(PY) run_recbole_llm.py --model=CALRec,SemConv,ILM,SASRec --dataset=ml-100k --preset=cpu --eval_max_users=200 \
 		--stage1_steps=2 --train_max_samples=64 --num_samples=1 \
-		--semconv_cf_epochs=10 --semconv_task_weights="{sequential: 0.02, text: 0.001, query: 0.0005, negative: 0.0005}" \
+		--semconv_cf_epochs=10 --semconv_task_weights="{sequential: 0.01, text: 0.0005, query: 0.00025, negative: 0.00025}" \
 		--table=saved/demo-ml-100k.md --results=saved/demo-ml-100k.jsonl
 
 clean:

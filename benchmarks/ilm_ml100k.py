@@ -4,6 +4,7 @@ with the paper's phase-1 loss ablations and the number of queries.
     python benchmarks/ilm_ml100k.py                               # 2-core CPU budget (--preset=cpu), every part
     python benchmarks/ilm_ml100k.py --only=ilm --only=baselines   # parts: baselines | ilm | switches | losses | queries
     python benchmarks/ilm_ml100k.py --only=queries --runs="N=1"   # some runs of a part
+    python benchmarks/ilm_ml100k.py --eval_max_users=300          # rank for a seeded sample of 300 users (all: ~8 min per ILM run)
     python benchmarks/ilm_ml100k.py --preset=none                 # the paper-like defaults (GPU)
 
 Every model runs through recbole_llm's pipeline on one protocol (leave-one-out by time, full ranking, Recall@5/@10
@@ -62,11 +63,13 @@ def main(argv=None) -> None:
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--runs", action="append", default=[],
                         help="run only the runs whose label contains this text (repeatable); default: all")
+    parser.add_argument("--eval_max_users", type=int, default=None,
+                        help="rank for a seeded sample of this many users (the same for every run); default: all")
     parser.add_argument("--out", default="saved/benchmarks/ilm-ml-100k.md")
     parser.add_argument("--results", default="saved/benchmarks/ilm-ml-100k.jsonl")
     args = parser.parse_args(argv)
 
-    common = {**PROTOCOL, "show_progress": False}
+    common = {**PROTOCOL, "show_progress": False, "eval_max_users": args.eval_max_users}
     if args.preset != "none":
         common["preset"] = args.preset
     baselines = [m for m in args.models.split(",") if m]

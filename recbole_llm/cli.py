@@ -101,6 +101,8 @@ def _write_table(args, records, note: str = "") -> None:
                 f"interactions, {records[0]['test_rows']} test rows")
     else:
         rows = f"history {'excluded' if protocol['exclude_history'] else 'kept'} in the ranking"
+        if protocol.get("eval_max_users"):
+            rows += f", ranked for a seeded sample of {protocol['eval_max_users']} users"
     header = (
         f"{models} on {args.dataset} | split {protocol['eval_args']['split']}, "
         f"order {protocol['eval_args']['order']}, mode {protocol['eval_args']['mode']}, {rows} | "

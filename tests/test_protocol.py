@@ -104,7 +104,9 @@ def test_a_user_sample_ranks_the_same_users_for_every_model_with_all_their_rows(
 
 def test_a_user_sample_is_part_of_the_protocol_and_labeled_runs_are_pointed_to_row_samples(base_config, capsys):
     flags = _flags(base_config)
-    assert main(["--model=Pop", "--dataset=ml-tiny", "--results=sampled.jsonl", "--eval_max_users=9", *flags]) == 0
+    assert main(["--model=Pop", "--dataset=ml-tiny", "--results=sampled.jsonl", "--table=sampled.md",
+                 "--eval_max_users=9", *flags]) == 0
+    assert "ranked for a seeded sample of 9 users" in Path("sampled.md").read_text()
     assert main(["--model=Pop", "--dataset=ml-tiny", "--results=every.jsonl", *flags]) == 0
     record, every = (json.loads(Path(name).read_text()) for name in ("sampled.jsonl", "every.jsonl"))
     assert record["protocol"]["eval_max_users"] == 9 and every["protocol"]["eval_max_users"] is None

@@ -65,7 +65,7 @@ PHASE_TWO_KEYS = (  # keys that shape phase 2 or scoring only: the phase-1 cache
     "learning_rate", "learner", "weight_decay", "train_batch_size", "epochs", "lr_scheduler", "lr_warmup",
     "ilm_task_weights", "ilm_history_titles", "max_history_items", "max_item_tokens", "ilm_beams",
     "generation_batch_size", "exclude_history", "metrics", "topk", "valid_metric", "valid_metric_bigger",
-    "train_neg_sample_args", "MAX_ITEM_LIST_LENGTH", "eval_batch_size",
+    "train_neg_sample_args", "MAX_ITEM_LIST_LENGTH", "eval_batch_size", "eval_max_users",
 )
 
 
