@@ -78,20 +78,22 @@ def test_a_user_sample_ranks_the_same_users_for_every_model_with_all_their_rows(
     assert set(every) == set(inter["user_id:token"])  # leave-one-out: every user has a test row
     sampled = {}
     kg = {"embedding_size": 8, "kg_embedding_size": 8,
-          "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"], "kg": ["head_id", "relation_id", "tail_id"],
-                       "link": ["item_id", "entity_id"]}}
+          "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                       "kg": ["head_id", "relation_id", "tail_id"], "link": ["item_id", "entity_id"]}}
     for model, extra in (("SASRec", small_sasrec), ("Pop", {}), ("CKE", kg)):
         targets = {}
         dataset = "ml-tiny-kg" if model == "CKE" else "ml-tiny"
-        settings = {**base_config, **extra, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}}
+        leave_one_out = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}
+        settings = {**base_config, **extra, "eval_args": leave_one_out}
         _, (unsampled, _, _), _ = build_model_and_data(make_config(model, dataset, config_dict=settings))
         data, (train, _, test), _ = build_model_and_data(make_config(model, dataset, config_dict={
             **settings, "eval_max_users": 17}))
         assert len(train._dataset) == len(unsampled._dataset)  # training is untouched
         assert type(test._dataset).__module__.startswith("recbole.")  # parts stay RecBole's own classes
+        token = lambda field, value: str(data.id2token(field, int(value)))  # noqa: E731
         for interaction, _, positive_u, positive_i in test:
             users = interaction[data.uid_field]
-            targets.update({str(data.id2token(data.uid_field, int(users[u]))): str(data.id2token(data.iid_field, int(i)))
+            targets.update({token(data.uid_field, users[u]): token(data.iid_field, i)
                             for u, i in zip(positive_u, positive_i)})
         sampled[model] = targets
     assert len(sampled["SASRec"]) == 17

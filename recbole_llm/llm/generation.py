@@ -160,8 +160,9 @@ def beam_search(
     Variable-length outputs (``eos_token_id``): a beam that wrote EOS is finished; it keeps its score and is padded
     with EOS while the others go on (each finished sequence scores its own log-probability, no length penalty),
     and the search stops once every beam is finished. A finished beam leaves the model's batch (its cache rows are
-    dropped), so a short title costs its own steps only, not those of the longest title beside it. ``inputs_embeds [B, L, H]``: the prompt's input embeddings
-    (soft tokens written over placeholder positions of ``input_ids``, which the processors still see).
+    dropped), so a short title costs its own steps only, not those of the longest title beside it.
+    ``inputs_embeds [B, L, H]``: the prompt's input embeddings (soft tokens written over placeholder positions of
+    ``input_ids``, which the processors still see).
     """
     batch, width = input_ids.shape
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -180,9 +181,7 @@ def beam_search(
     position = position_ids[:, -1:].repeat_interleave(beams, 0)
     offsets = (torch.arange(batch, device=input_ids.device) * beams).unsqueeze(1)
     rows = batch * beams
-    # The cache holds only the unfinished beams (`live`, in row order): a finished beam is never fed again, so
-    # titles of different lengths cost what each one needs, not what the longest one needs.
-    live = _unfinished(running, eos_token_id)
+    live = _unfinished(running, eos_token_id)  # the rows the cache holds, in row order
     if len(live) < rows:
         cache.reorder_cache(live)
     for _ in range(max_new_tokens - 1):
