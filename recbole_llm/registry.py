@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 from functools import lru_cache
 
+from recbole_llm import distributed
 from recbole_llm.errors import UsageError
 
 _MODELS: dict[str, type] = {}
@@ -98,14 +99,15 @@ def get_trainer(model_type, model_name: str) -> type:
 def create_dataset(config):
     """Build the dataset: the plugin model's own dataset class if it registered one, else in a labeled (CTR) run
     :mod:`recbole_llm.data.labeled`'s (one row set and order for every model), else RecBole's choice; with
-    ``eval_max_users`` its valid and test parts keep a seeded sample of users (:mod:`recbole_llm.data.eval_sample`)."""
+    ``eval_max_users`` its valid and test parts keep a seeded sample of users, and in a run of several processes
+    this process's shard of them (:mod:`recbole_llm.data.eval_sample`)."""
     from recbole.data import create_dataset as recbole_create_dataset
 
     from recbole_llm.data.labeled import labeled_dataset_class
 
     dataset_cls = _DATASETS.get(config["model"]) or labeled_dataset_class(config)
     dataset = dataset_cls(config) if dataset_cls is not None else recbole_create_dataset(config)
-    if config["eval_max_users"] is not None:
+    if config["eval_max_users"] is not None or distributed.is_distributed():
         from recbole_llm.data.eval_sample import sample_eval_users
 
         dataset = sample_eval_users(dataset)

@@ -8,7 +8,7 @@ it works for any recbole_llm or RecBole model with ``full_sort_predict``. The ex
     ...
 
 The first line records the model's run fingerprint (resolved configuration, data files, package version; see
-:mod:`recbole_llm.trainer.fingerprint`). :meth:`TopKCache.load` refuses a file whose fingerprint is not the one
+:mod:`recbole_llm.fingerprint`). :meth:`TopKCache.load` refuses a file whose fingerprint is not the one
 the caller expects, so lists computed from an older model or older data are never served by mistake.
 
 Users and histories are those of the evaluation split exported (``test`` by default): each list is the ranking
@@ -127,7 +127,7 @@ def checkpoint_fingerprint(checkpoint) -> str:
     """The fingerprint the checkpoint's configuration gives *now* (current YAML layers, data files, version)."""
     from recbole_llm.quick_start import make_config
     from recbole_llm.trainer.checkpoint import read_meta
-    from recbole_llm.trainer.fingerprint import run_fingerprint
+    from recbole_llm.fingerprint import run_fingerprint
 
     meta = read_meta(checkpoint)
     return run_fingerprint(make_config(meta["model"], meta["dataset"], config_dict=meta.get("config") or {}))

@@ -122,7 +122,7 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_the_loss():
 def test_a_gguf_file_changed_anywhere_is_converted_afresh(tmp_path):
     """The converted directory is keyed by the whole file: same size, same first and last MiB, another byte in the
     middle (a fine-tune that kept the embeddings and the head) is not served the old conversion."""
-    from recbole_llm.trainer.fingerprint import file_digest
+    from recbole_llm.fingerprint import file_digest
 
     content = bytearray(torch.randint(0, 256, (3 << 20,), generator=torch.Generator().manual_seed(0),
                                       dtype=torch.uint8).numpy().tobytes())

@@ -16,7 +16,7 @@ from recbole_llm.data.domains import DomainMixture, domain_probabilities
 from recbole_llm.llm.backbone import load_backbone
 from recbole_llm.llm.generation import left_pad, sample_continuations
 from recbole_llm.model.calrec import CALRecPrompt, CALRecTrainer, TextBatch, first_item_text, select_training_samples
-from recbole_llm.model.losses import info_nce
+from recbole_llm.losses import info_nce
 from recbole_llm.quick_start import build_model_and_data, load_model, make_config, run_recbole_llm
 from recbole_llm.retrieval.bm25 import tokenize
 from recbole_llm.retrieval.merge import quasi_round_robin_merge

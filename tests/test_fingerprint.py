@@ -17,7 +17,7 @@ from recbole_llm.config import properties_dir
 from recbole_llm.model.calrec import STAGE_TWO_KEYS
 from recbole_llm.quick_start import make_config
 from recbole_llm.trainer.checkpoint import CheckpointError
-from recbole_llm.trainer.fingerprint import run_fingerprint
+from recbole_llm.fingerprint import run_fingerprint
 
 import toy_llm  # noqa: F401  (registers ToyLLMRec)
 

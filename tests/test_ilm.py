@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import BertModel
 
-from recbole_llm.data.assets import minilm_dir
+from recbole_llm.cache import minilm_dir
 from recbole_llm.llm.backbone import load_backbone
 from recbole_llm.llm.generation import Beams
 from recbole_llm.llm.qformer import bert_qformer_state, load_item_qformer, qformer_mask

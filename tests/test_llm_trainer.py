@@ -216,7 +216,7 @@ def test_fit_applies_the_schedule_at_every_optimizer_step_and_a_resumed_run_cont
 
 
 def test_a_decaying_schedule_makes_epochs_part_of_the_run(toy_config):
-    from recbole_llm.trainer.fingerprint import run_fingerprint
+    from recbole_llm.fingerprint import run_fingerprint
 
     def fingerprint(**extra):
         return run_fingerprint(make_config("ToyLLMRec", "ml-tiny", config_dict={**toy_config, **extra}))

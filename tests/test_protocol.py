@@ -80,7 +80,8 @@ def test_a_user_sample_ranks_the_same_users_for_every_model_with_all_their_rows(
     kg = {"embedding_size": 8, "kg_embedding_size": 8,
           "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"],
                        "kg": ["head_id", "relation_id", "tail_id"], "link": ["item_id", "entity_id"]}}
-    for model, extra in (("SASRec", small_sasrec), ("Pop", {}), ("CKE", kg)):
+    bpr_sequential = {"loss_type": "BPR", "embedding_size": 16, "hidden_size": 16, "MAX_ITEM_LIST_LENGTH": 10}
+    for model, extra in (("SASRec", small_sasrec), ("Pop", {}), ("CKE", kg), ("GRU4Rec", bpr_sequential)):
         targets = {}
         dataset = "ml-tiny-kg" if model == "CKE" else "ml-tiny"
         leave_one_out = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}
@@ -97,7 +98,8 @@ def test_a_user_sample_ranks_the_same_users_for_every_model_with_all_their_rows(
                             for u, i in zip(positive_u, positive_i)})
         sampled[model] = targets
     assert len(sampled["SASRec"]) == 17
-    assert sampled["Pop"] == sampled["SASRec"] == sampled["CKE"]  # one sample, whatever the model type and loader
+    # one sample, whatever the model type, loader and training sampler
+    assert sampled["Pop"] == sampled["SASRec"] == sampled["CKE"] == sampled["GRU4Rec"]
     assert all(every[user] == item for user, item in sampled["SASRec"].items())  # a sampled user keeps its target
     other = {}
     _excluded({**base_config, **small_sasrec, "eval_max_users": 17, "seed": 7}, "SASRec", other)

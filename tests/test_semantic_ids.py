@@ -10,7 +10,7 @@ import torch
 from recbole_llm.data.packing import pack_window, prefix_example, sequence_windows
 from recbole_llm.llm.backbone import load_backbone
 from recbole_llm.llm.new_tokens import ExtendedEmbedding, ExtendedHead, add_trainable_tokens
-from recbole_llm.model.losses import info_nce
+from recbole_llm.losses import info_nce
 from recbole_llm.semantic_ids import code_token_names
 from recbole_llm.semantic_ids.quantizer import (
     code_statistics,

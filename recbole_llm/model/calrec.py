@@ -35,12 +35,12 @@ from recbole_llm.llm.backbone import backbone_from_config
 from recbole_llm.locks import exclusive
 from recbole_llm.llm.generation import left_pad, pad_sequences, row_seed, sample_continuations
 from recbole_llm.llm.pooling import decoder_and_head, masked_mean
-from recbole_llm.model.losses import info_nce
+from recbole_llm.losses import info_nce
 from recbole_llm.registry import register_model
 from recbole_llm.retrieval.bm25 import BM25Index, tokenize
 from recbole_llm.retrieval.merge import quasi_round_robin_merge
-from recbole_llm.trainer.checkpoint import META, load_weights, read_meta, save_checkpoint
-from recbole_llm.trainer.fingerprint import run_fingerprint
+from recbole_llm.trainer.checkpoint import META, load_weights, read_meta
+from recbole_llm.fingerprint import run_fingerprint
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 
 # CALRec §3.1 (METHODS.md §1.2): the user prefix and the per-item prefixes, verbatim.
@@ -197,7 +197,7 @@ class CALRecTrainer(LLMTrainer):
         if 2 in stages:
             return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         if saved:
-            save_checkpoint(self.saved_model_file, self.model, self._meta(epoch=-1, stage=1))
+            self._write_checkpoint(self.saved_model_file, self._meta(epoch=-1, stage=1))
         if not valid_data:
             return -math.inf, None
         return self._valid_epoch(valid_data, show_progress=show_progress)
@@ -221,7 +221,7 @@ class CALRecTrainer(LLMTrainer):
         self.logger.info(set_color("Stage I", "blue") + f": {len(batches)} batches from domains {batches.summary()}")
         self.optimizer = self._build_optimizer()
         loss = self._train_epoch(batches, epoch_idx=0, loss_func=self.model.stage_loss, show_progress=show_progress)
-        save_checkpoint(stage_dir, self.model, self._meta(epoch=-1, stage=1, stage1_loss=loss))
+        self._write_checkpoint(stage_dir, self._meta(epoch=-1, stage=1, stage1_loss=loss))
         self.logger.info(set_color("Stage I", "blue") + f": done, saved to {stage_dir}")
         self.optimizer = self._build_optimizer()  # Stage II starts with fresh optimizer state
 

@@ -33,7 +33,7 @@ from recbole.utils import InputType, set_color
 from torch import nn
 
 from recbole_llm.collaborative import collaborative_vectors, regress_cold_items
-from recbole_llm.data.assets import minilm_dir
+from recbole_llm.cache import minilm_dir
 from recbole_llm.data.item_text import ItemTextBuilder
 from recbole_llm.data.sequences import last_items, user_sequences
 from recbole_llm.llm.backbone import backbone_from_config
@@ -46,8 +46,8 @@ from recbole_llm.locks import exclusive
 from recbole_llm.model.beam_ranking import BeamRanking
 from recbole_llm.registry import register_model
 from recbole_llm.settings import ILM_PHASE_ONE_LOSSES, ILM_TASKS, SettingError
-from recbole_llm.trainer.checkpoint import META, load_optimizer, load_weights, read_meta, save_checkpoint
-from recbole_llm.trainer.fingerprint import run_fingerprint
+from recbole_llm.trainer.checkpoint import META, load_optimizer, load_weights, read_meta
+from recbole_llm.fingerprint import run_fingerprint
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 
 logger = logging.getLogger(__name__)
@@ -258,8 +258,8 @@ class ILMTrainer(LLMTrainer):
                                          show_progress=show_progress)
                 self.logger.info(set_color("Phase 1", "blue") + f": epoch {epoch} loss {loss:.4f}, "
                                  f"{len(batches)} batches ({', '.join(batches.kinds)})")
-                save_checkpoint(folder, self.model, self._meta(epoch, stage="phase1", finished=epoch + 1 == epochs,
-                                                               phase1_loss=loss), self.optimizer)
+                self._write_checkpoint(folder, self._meta(epoch, stage="phase1", finished=epoch + 1 == epochs,
+                                                          phase1_loss=loss), self.optimizer)
         self.optimizer = self._build_optimizer()  # phase 2 starts with fresh optimizer state
 
 

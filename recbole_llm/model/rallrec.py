@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from recbole_llm.collaborative import collaborative_vectors, regress_cold_items
-from recbole_llm.data.assets import cache_root, minilm_dir, write_dir_atomically
+from recbole_llm.cache import cache_root, minilm_dir, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
 from recbole_llm.errors import InputFileError
 from recbole_llm.llm.backbone import autocast, backbone_from_config
@@ -39,11 +39,11 @@ from recbole_llm.llm.descriptions import Decoding, chat_prompt, generation_key, 
 from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
 from recbole_llm.llm.generation import left_pad
 from recbole_llm.llm.pooling import decoder_and_head, masked_mean, mean_pooled_embeddings
-from recbole_llm.model.losses import info_nce
+from recbole_llm.losses import info_nce
 from recbole_llm.registry import register_model
 from recbole_llm.settings import SettingError
 from recbole_llm.retrieval.history import history_similarity, select_history
-from recbole_llm.trainer.fingerprint import backbone_fingerprint
+from recbole_llm.fingerprint import backbone_fingerprint
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 
 logger = logging.getLogger(__name__)

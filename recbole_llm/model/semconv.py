@@ -28,7 +28,7 @@ from recbole.utils import InputType, set_color
 from safetensors.torch import load_file, save_file
 
 from recbole_llm.collaborative import collaborative_vectors, regress_cold_items
-from recbole_llm.data.assets import cache_root, write_dir_atomically
+from recbole_llm.cache import cache_root, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder
 from recbole_llm.data.packing import pack_window, sequence_windows
 from recbole_llm.data.sequences import last_items, user_sequences
@@ -50,7 +50,7 @@ from recbole_llm.semantic_ids.quantizer import (
     random_semantic_ids,
 )
 from recbole_llm.semantic_ids.tokens import CodeVocabulary, code_token_names
-from recbole_llm.trainer.fingerprint import run_fingerprint
+from recbole_llm.fingerprint import run_fingerprint
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 
 logger = logging.getLogger(__name__)

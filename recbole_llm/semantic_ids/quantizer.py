@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_llm.model.losses import info_nce
+from recbole_llm.losses import info_nce
 from recbole_llm.settings import SettingError
 
 

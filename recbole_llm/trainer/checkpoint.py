@@ -15,14 +15,14 @@ token rows). Models without the attribute are saved whole.
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from recbole_llm.data.assets import write_dir_atomically
+from recbole_llm.cache import write_dir_atomically
 from recbole_llm.errors import UsageError
+from recbole_llm.fingerprint import to_jsonable
 
 WEIGHTS = "model.safetensors"
 META = "recbole_llm.json"
@@ -53,19 +53,7 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in _saved(model)}
 
 
-def to_jsonable(value):
-    """Config values as JSON: enums and devices become strings, unknown objects are dropped (None)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, Enum):
-        return value.name
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, torch.device):
-        return str(value)
-    return None
+
 
 
 def save_checkpoint(path, model, meta: dict, optimizer=None) -> Path:

@@ -16,8 +16,17 @@ RecBole's ``fit`` loop (validation, early stopping, logging) is kept as is; only
   is saved with ``last``, so a resumed run continues the schedule where it stopped.
 
 The run directory ``<checkpoint_dir>/<model>-<dataset>-<fingerprint>`` is keyed by the resolved configuration (every
-YAML layer), the data files' content and the recbole_llm version (:mod:`recbole_llm.trainer.fingerprint`), so a
+YAML layer), the data files' content and the recbole_llm version (:mod:`recbole_llm.fingerprint`), so a
 changed input never resumes or reuses another run's weights.
+
+Several processes (torchrun; :mod:`recbole_llm.distributed`): the loss runs through a
+``DistributedDataParallel`` wrapper (the forward inside it, so DDP sees every parameter the loss used); each epoch's
+batches (RecBole's, or a model's own examples, Stage I or phase 1 batches), in the one seeded order every process
+draws alike, are dealt out in turns, process r taking batches r, r + W, ... (a whole batch each, so in-batch
+negatives stay what they are; the last ``n mod W`` batches are left out so every process steps alike); the
+all-reduce runs on the last micro-batch of each accumulation window only (``no_sync`` before). One optimizer step
+thus averages ``W x gradient_accumulation_steps`` batches: the number of processes is part of the run (its
+fingerprint). Rank 0 alone writes checkpoints; see :mod:`recbole_llm.trainer.parallel` for evaluation.
 
 Mixed precision: bf16 autocast on a CUDA GPU with bf16, and on a CPU with native bf16 instructions (AVX512-BF16 or
 AMX), when ``llm_dtype`` is ``auto`` (see :func:`recbole_llm.llm.backbone.autocast_dtype`); weights, gradients
@@ -28,6 +37,8 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -36,17 +47,12 @@ from recbole.utils import set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
+from recbole_llm import distributed
+from recbole_llm.errors import UsageError
+from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
 from recbole_llm.llm.backbone import autocast_dtype
 from recbole_llm.locks import exclusive
-from recbole_llm.trainer.checkpoint import (
-    META,
-    load_optimizer,
-    load_weights,
-    read_meta,
-    save_checkpoint,
-    to_jsonable,
-)
-from recbole_llm.trainer.fingerprint import resolved_settings, run_fingerprint
+from recbole_llm.trainer.checkpoint import META, load_optimizer, load_weights, read_meta, save_checkpoint
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -89,6 +95,7 @@ class LLMTrainer(Trainer):
         self.optimizer_steps = 0  # of fit's schedule (a resumed run restores it)
         self.learning_rates: list[float] = []  # the rate of each optimizer step of this process
         self._scheduled, self._total_steps = False, None
+        self._wrapped = None  # the DDP wrapper of a distributed run, made at the first training batch
 
     # ---------------------------------------------------------------------------------------------- training
     def _build_optimizer(self, **kwargs):
@@ -106,24 +113,25 @@ class LLMTrainer(Trainer):
             train_data, loss_func = batches, self.model.batch_loss
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
-        n_batches = len(train_data)
+        train_data, n_batches = self._my_batches(train_data)
         total_loss = None
         progress = tqdm(
             train_data, total=n_batches, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"),
             disable=not show_progress,
         )
-        start = time.perf_counter()
+        start, tokens = time.perf_counter(), 0
         self.optimizer.zero_grad(set_to_none=True)
         for step, interaction in enumerate(progress):
             interaction = interaction.to(self.device)
-            with self.autocast():
-                losses = loss_func(interaction)
-            loss = sum(losses) if isinstance(losses, tuple) else losses
-            self._check_nan(loss)
             window_start = step - step % self.accumulation_steps
             window = min(self.accumulation_steps, n_batches - window_start)
-            (loss / window).backward()
-            if step + 1 == window_start + window:
+            last_in_window = step + 1 == window_start + window
+            with self._gradient_sync(last_in_window), self.autocast():
+                losses = self._loss(loss_func, interaction)
+                loss = sum(losses) if isinstance(losses, tuple) else losses
+                self._check_nan(loss)
+                (loss / window).backward()
+            if last_in_window:
                 if self.clip_grad_norm:
                     clip_grad_norm_(self.trainable_parameters, **self.clip_grad_norm)
                 self._schedule_step(n_batches)
@@ -133,10 +141,40 @@ class LLMTrainer(Trainer):
             total_loss = values if total_loss is None else (
                 tuple(a + b for a, b in zip(total_loss, values)) if isinstance(values, tuple) else total_loss + values
             )
-            self.train_tokens += int(getattr(self.model, "last_batch_tokens", 0))
+            tokens += int(getattr(self.model, "last_batch_tokens", 0))
             progress.set_postfix(loss=f"{loss.item():.4f}")
         self.train_seconds += time.perf_counter() - start
+        self.train_tokens += distributed.total(tokens)  # every process's tokens: the run's throughput
         return total_loss
+
+    def _my_batches(self, batches):
+        """``(this process's batches, how many)``: all of them in one process; else batches r, r + W, ... of
+        the epoch, the same number on every process."""
+        n = len(batches)
+        world = distributed.world_size()
+        if world == 1:
+            return batches, n
+        if n < world:
+            raise UsageError(f"an epoch of {n} batches cannot be shared by {world} processes: use a smaller "
+                             "train_batch_size, more training examples, or fewer processes")
+        mine = n // world
+        return islice(batches, distributed.rank(), mine * world, world), mine
+
+    def _loss(self, loss_func, batch):
+        """``loss_func(batch)``; in a distributed run through the DDP wrapper, so its all-reduce covers every
+        parameter the loss used."""
+        if not distributed.is_distributed():
+            return loss_func(batch)
+        if self._wrapped is None:
+            self._wrapped = torch.nn.parallel.DistributedDataParallel(
+                _LossOf(self.model), find_unused_parameters=True, broadcast_buffers=False)
+        return self._wrapped(loss_func, batch)
+
+    def _gradient_sync(self, last_in_window: bool):
+        """No all-reduce on the micro-batches before the last one of an accumulation window."""
+        if self._wrapped is None or last_in_window:
+            return nullcontext()
+        return self._wrapped.no_sync()
 
     def _schedule_step(self, n_batches: int) -> None:
         """Set the learning rate of the next optimizer step of ``fit`` (other loops, such as CALRec's Stage I,
@@ -182,7 +220,7 @@ class LLMTrainer(Trainer):
         path = Path(kwargs.get("saved_model_file", self.saved_model_file))
         if epoch < 0 and (path / META).is_file():
             return  # fit() with no epochs left: keep the best checkpoint it already has
-        save_checkpoint(path, self.model, self._meta(epoch))
+        self._write_checkpoint(path, self._meta(epoch))
         if not self._validating:  # no validation this run: every epoch's save is also the resume point
             self._save_last(epoch)
         if verbose:
@@ -190,7 +228,14 @@ class LLMTrainer(Trainer):
 
     def _save_last(self, epoch: int) -> None:
         finished = self.cur_step > self.stopping_step  # RecBole's early-stopping condition
-        save_checkpoint(self.last_checkpoint, self.model, self._meta(epoch, finished=finished), self.optimizer)
+        self._write_checkpoint(self.last_checkpoint, self._meta(epoch, finished=finished), self.optimizer)
+
+    def _write_checkpoint(self, path, meta: dict, optimizer=None) -> None:
+        """Save the trainable weights (and ``optimizer``) to ``path``; in a distributed run rank 0 alone writes
+        (the others read it after a barrier: :mod:`recbole_llm.trainer.parallel`'s ``evaluate``, or the lock of
+        :meth:`fit`)."""
+        if distributed.is_main():
+            save_checkpoint(path, self.model, meta, optimizer)
 
     def _resume_from_last(self) -> None:
         if not (self.last_checkpoint / META).is_file():
@@ -236,3 +281,14 @@ class LLMTrainer(Trainer):
             self.logger.info(f"Loading trainable weights from {checkpoint}")
         with self.autocast():
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+class _LossOf(torch.nn.Module):
+    """The module DDP wraps: its forward is a loss of the model (``calculate_loss``, ``batch_loss``, ...)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss_func, batch):
+        return loss_func(batch)

@@ -6,7 +6,7 @@ when all three match:
 * the *resolved* configuration: every YAML layer (RecBole's, ``properties/overall.yaml``, the model and dataset
   files, a preset), the user's files, ``config_dict`` and the command line, as merged into the final config, less
   the keys that cannot change what is computed (:data:`VOLATILE_KEYS`: paths, logging, progress bars, devices,
-  how many epochs a run may take);
+  how many epochs a run may take; the number of processes of a distributed run is kept: it sets the global batch);
 * the content of the dataset's atomic files (``<data_path>/<dataset>.*``), so the same name in another folder or
   an ``.item`` file edited in place is a different input;
 * the recbole_llm version;
@@ -21,9 +21,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
 
-from recbole_llm.trainer.checkpoint import to_jsonable
+import torch
+
+from recbole_llm.cache import TINY_RANDOM_VERSION, file_digest, hub_snapshot, smollm2_gguf_path
+from recbole_llm.registry import get_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +38,22 @@ VOLATILE_KEYS = frozenset({
     "device", "single_spec", "local_rank", "resume", "save_dataset", "save_dataloaders", "log_wandb",
     "wandb_project", "worker", "nproc", "eval_batch_size", "data_path", "dataset_save_path",
     "dataloaders_save_path", "llm_cache_dir", "preset", "metric_decimal_place", "loss_decimal_place",
+    "verbose", "ip", "port", "offset", "dist_backend", "tune_cpus_per_trial", "tune_gpus_per_trial",
 })
 
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's content, memoised per (path, size, mtime) within the process."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _FILE_DIGESTS[key] = digest.hexdigest()
-    return _FILE_DIGESTS[key]
+def to_jsonable(value):
+    """Config values as JSON: enums and devices become strings, unknown objects are dropped (None)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.device):
+        return str(value)
+    return None
 
 
 def data_fingerprint(folder, dataset: str) -> dict[str, str]:
@@ -64,9 +68,6 @@ def backbone_fingerprint(llm_path: str) -> str:
     accepts): the bundled aliases by their builder version or GGUF file, a ``.gguf`` file by its content, a local
     directory by the content of every file in it, a Hub id by the commit of its cached snapshot (the id alone
     until it is downloaded)."""
-    from recbole_llm.data.assets import smollm2_gguf_path
-    from recbole_llm.llm.backbone import TINY_RANDOM_VERSION, hub_snapshot
-
     if llm_path == "tiny-random":
         return f"tiny-random-{TINY_RANDOM_VERSION}"
     if llm_path == "smollm2-135m":
@@ -86,8 +87,6 @@ def backbone_fingerprint(llm_path: str) -> str:
 
 def _reads_backbone(config) -> bool:
     """recbole_llm's models read ``llm_path``; RecBole's (a baseline, a CF model) carry the key but never load it."""
-    from recbole_llm.registry import get_model
-
     return bool(config.final_config_dict.get("llm_path")) and get_model(config["model"]).__module__.startswith(
         "recbole_llm.")
 
@@ -103,8 +102,6 @@ def resolved_settings(config, ignore: Iterable[str] = ()) -> dict:
 def input_datasets(config) -> dict[str, Path]:
     """Datasets a model reads besides the run's own, as ``{name: folder}``: a model class declares them with a
     static ``input_datasets(config)`` (CALRec's Stage-I datasets); most read none."""
-    from recbole_llm.registry import get_model
-
     declared = getattr(get_model(config["model"]), "input_datasets", None)
     return declared(config) if declared is not None else {}
 
@@ -112,8 +109,6 @@ def input_datasets(config) -> dict[str, Path]:
 def input_backbones(config) -> dict[str, str]:
     """Pretrained models a model reads besides ``llm_path``, as ``{name: path}`` (ILM's Q-Former checkpoint): a
     model class declares them with a static ``input_backbones(config)``; their content is keyed like the LLM's."""
-    from recbole_llm.registry import get_model
-
     declared = getattr(get_model(config["model"]), "input_backbones", None)
     return declared(config) if declared is not None else {}
 

@@ -1,0 +1,57 @@
+"""Run by test_distributed.py under torchrun (gloo, CPU): ``torchrun ... distributed_worker.py OUT JOB JSON``.
+
+Each process writes ``OUT/rank<r>.json``:
+
+* ``runs``: JSON is a list of ``[model, settings]``; every run goes through ``run_recbole_llm`` (the process group
+  comes from torchrun's environment); per run, its test and valid results, test rows and process count.
+* ``artifact``: JSON is a run's settings; the process asks for the run's collaborative vectors (a cached artifact)
+  on a cold cache; how many times this process trained them, and a digest of what it read.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import recbole_llm  # noqa: F401  (compat shims first)
+
+
+def runs(payload: list) -> list:
+    from recbole_llm.quick_start import run_recbole_llm
+
+    records = []
+    for model, settings in payload:
+        record = run_recbole_llm(model, settings.pop("dataset", "ml-tiny"), config_dict=settings)
+        records.append({key: record[key] for key in ("test_result", "best_valid_result", "test_rows", "processes")})
+    return records
+
+
+def artifact(settings: dict) -> dict:
+    from recbole_llm import collaborative
+    from recbole_llm.quick_start import make_config
+    from recbole_llm.registry import create_dataset
+
+    trained = []
+    train = collaborative._train
+    collaborative._train = lambda *args: trained.append(1) or train(*args)
+    config = make_config("SASRec", "ml-tiny", config_dict=settings)
+    vectors = collaborative.collaborative_vectors(config, create_dataset(config), model="BPR", epochs=1)
+    from recbole_llm import distributed
+
+    return {"trained": len(trained), "digest": hashlib.sha256(vectors.items.numpy().tobytes()).hexdigest(),
+            "processes": distributed.world_size()}
+
+
+def main(out: str, job: str, payload: str) -> None:
+    import toy_llm  # noqa: F401  (registers ToyLLMRec)
+    from recbole_llm import distributed
+
+    torch.set_num_threads(1)
+    result = {"runs": runs, "artifact": artifact}[job](json.loads(payload))
+    Path(out, f"rank{distributed.rank()}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
