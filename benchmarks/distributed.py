@@ -69,9 +69,10 @@ def main(argv=None) -> None:
             record = records[n][index]
             equal = all(abs(record["test_result"][k] - v) <= 1e-6 for k, v in first["test_result"].items())
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in record["test_result"].items())
+            users_per_second = record["test_rows"] / max(record["eval_seconds"], 1e-9)
             lines.append(f"| {record['model']} | {n} | {record.get('train_tokens_per_second')} | "
-                         f"{record['train_seconds']:.0f} | {record['test_rows'] / max(record['eval_seconds'], 1e-9):.2f} | "
-                         f"{metrics} | {'yes' if equal else 'no'} |")
+                         f"{record['train_seconds']:.0f} | {users_per_second:.2f} | {metrics} | "
+                         f"{'yes' if equal else 'no'} |")
     commit = records[counts[0]][0].get("commit")
     report = (f"1 vs {counts[-1]} processes on {args.dataset} (preset {args.preset})\n\n"
               f"- command: `python benchmarks/distributed.py {' '.join(argv or sys.argv[1:])}`\n"

@@ -1,6 +1,6 @@
 """Every method on one GPU, in bf16 and in 4-bit QLoRA: the CUDA paths work, and how fast (run it first on a GPU).
 
-    python benchmarks/gpu_check.py                   # ~8 minutes on one GPU: 4 methods x {bf16, 4bit} (+ a 0.5B backbone)
+    python benchmarks/gpu_check.py                   # meant for < 8 min on one GPU (never run on one yet)
     python benchmarks/gpu_check.py --methods=SemConv --variants=bf16
     python benchmarks/gpu_check.py --allow_cpu       # the same script on the CPU (a smoke test of the script itself)
 

@@ -178,7 +178,7 @@ def _write_table(args, records, note: str = "") -> None:
 
 
 def _tune(args, models, config_files, overrides) -> int:
-    from recbole_llm import quick_start
+    from recbole_llm import distributed, quick_start
 
     from recbole_llm.errors import UsageError
 
@@ -190,8 +190,6 @@ def _tune(args, models, config_files, overrides) -> int:
     else:
         tune = quick_start.tune
     result = tune(models[0], args.dataset, params_file, args.tune_algo, args.max_evals, config_files, overrides)
-    from recbole_llm import distributed
-
     if not distributed.is_main():  # under torchrun every process ran the trials together; rank 0 reports them
         return 0
     valid_metric = result.valid_metric
@@ -200,8 +198,8 @@ def _tune(args, models, config_files, overrides) -> int:
     print(f"\n{table}\n\nbest parameters (selected on valid {valid_metric}): {best}")
     out = Path(args.table or f"saved/tuning-{models[0]}-{args.dataset}-{_stamp()}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"{models[0]} on {args.dataset}, {args.tune_algo} ({args.tune_tool}) over {params_file}\n\n{table}\n\n"
-                   f"best parameters (selected on valid {valid_metric}): {best}\n")
+    out.write_text(f"{models[0]} on {args.dataset}, {args.tune_algo} ({args.tune_tool}) over {params_file}\n\n"
+                   f"{table}\n\nbest parameters (selected on valid {valid_metric}): {best}\n")
     out.with_suffix(".json").write_text(json.dumps({"best_params": result.best_params, "trials": result.trials}, indent=2))
     print(f"trials written to {out} and {out.with_suffix('.json')}")
     return 0

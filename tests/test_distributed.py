@@ -180,8 +180,9 @@ def test_bad_launch_flags_are_usage_errors(capsys):
 def test_cli_with_nproc_prints_one_table_from_rank_0(base_config, small_sasrec, tmp_path):
     flags = [f"--{k}={v}" for k, v in {**base_config, **small_sasrec, "port": free_port()}.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "run_recbole_llm.py"), "--model=Pop,SASRec",
-                           "--dataset=ml-tiny", "--nproc=2", "--results=runs.jsonl", "--table=t.md", *flags],
+    script = Path(__file__).parent.parent / "run_recbole_llm.py"
+    done = subprocess.run([sys.executable, str(script), "--model=Pop,SASRec", "--dataset=ml-tiny", "--nproc=2",
+                           "--results=runs.jsonl", "--table=t.md", *flags],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-6000:]
     assert done.stdout.count("| | Pop | SASRec |") == 1 and done.stdout.count("=== SASRec on ml-tiny") == 1

@@ -25,7 +25,14 @@ from urllib.parse import urlparse
 
 import torch
 
-from recbole_llm.cache import TINY_RANDOM_VERSION, cache_root, file_digest, hub_snapshot, smollm2_gguf_path, write_dir_atomically
+from recbole_llm.cache import (
+    TINY_RANDOM_VERSION,
+    cache_root,
+    file_digest,
+    hub_snapshot,
+    smollm2_gguf_path,
+    write_dir_atomically,
+)
 from recbole_llm.errors import UsageError
 from recbole_llm.locks import build_once
 from recbole_llm.settings import SettingError
