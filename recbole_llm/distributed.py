@@ -18,7 +18,6 @@ import os
 from contextlib import contextmanager
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -126,9 +125,3 @@ def shard(n: int, part: int | None = None, parts: int | None = None) -> range:
     start = part * size + min(part, extra)
     return range(start, start + size + (part < extra))
 
-
-def device_for(use_gpu: bool) -> torch.device:
-    """This process's device: its local GPU when CUDA is used, else the CPU."""
-    if use_gpu and torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
-    return torch.device("cpu")
