@@ -121,7 +121,7 @@ def ray_tune(model, dataset, params_file, algo="exhaustive", max_evals=10, confi
     mode = "max" if bigger else "min"
     base = {**(config_dict or {}), "data_path": str(Path(config["data_path"]).parent.resolve()),
             "checkpoint_dir": str(Path(config["checkpoint_dir"]).resolve())}
-    if int(config["tune_gpus_per_trial"]) == 0:
+    if float(config["tune_gpus_per_trial"]) == 0:  # 0.5: two trials share a GPU, so no int()
         base["gpu_id"] = ""
     files = [str(Path(f).resolve()) for f in config_file_list or []] or None
     search_alg = None

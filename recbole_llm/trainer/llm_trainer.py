@@ -160,21 +160,23 @@ class LLMTrainer(Trainer):
         mine = n // world
         return islice(batches, distributed.rank(), mine * world, world), mine
 
+    def _ddp(self):
+        """The DDP wrapper of a distributed run (made once, before the first micro-batch), else None."""
+        if self._wrapped is None and distributed.is_distributed():
+            self._wrapped = torch.nn.parallel.DistributedDataParallel(
+                _LossOf(self.model), find_unused_parameters=True, broadcast_buffers=False)
+        return self._wrapped
+
     def _loss(self, loss_func, batch):
         """``loss_func(batch)``; in a distributed run through the DDP wrapper, so its all-reduce covers every
         parameter the loss used."""
-        if not distributed.is_distributed():
-            return loss_func(batch)
-        if self._wrapped is None:
-            self._wrapped = torch.nn.parallel.DistributedDataParallel(
-                _LossOf(self.model), find_unused_parameters=True, broadcast_buffers=False)
-        return self._wrapped(loss_func, batch)
+        wrapped = self._ddp()
+        return loss_func(batch) if wrapped is None else wrapped(loss_func, batch)
 
     def _gradient_sync(self, last_in_window: bool):
         """No all-reduce on the micro-batches before the last one of an accumulation window."""
-        if self._wrapped is None or last_in_window:
-            return nullcontext()
-        return self._wrapped.no_sync()
+        wrapped = self._ddp()
+        return nullcontext() if wrapped is None or last_in_window else wrapped.no_sync()
 
     def _schedule_step(self, n_batches: int) -> None:
         """Set the learning rate of the next optimizer step of ``fit`` (other loops, such as CALRec's Stage I,
