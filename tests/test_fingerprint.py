@@ -124,3 +124,14 @@ def test_a_local_backbone_retrained_in_place_is_another_input(base_config, tmp_p
     model.save_pretrained(local)  # the same path, other weights
     (run, stage_one), backbone = _keys(base_config, llm_path=str(local)), RALLRec._backbone_id(settings)
     assert run != before[0][0] and stage_one != before[0][1] and backbone != before[1]
+
+
+
+def test_the_number_of_processes_is_keyed_and_a_rank_s_own_settings_are_not(base_config):
+    # a step of W processes averages W batches: another run; rank 1's quiet logging is the same run as rank 0's
+    config = make_config("ToyLLMRec", "ml-tiny", config_dict={**base_config, "llm_path": "tiny-random"})
+    alone = run_fingerprint(config)
+    config.final_config_dict.update(world_size=2)
+    rank_zero = run_fingerprint(config)
+    config.final_config_dict.update(local_rank=1, verbose=False, state="error", show_progress=False)
+    assert rank_zero != alone and run_fingerprint(config) == rank_zero
