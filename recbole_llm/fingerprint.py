@@ -6,7 +6,8 @@ when all three match:
 * the *resolved* configuration: every YAML layer (RecBole's, ``properties/overall.yaml``, the model and dataset
   files, a preset), the user's files, ``config_dict`` and the command line, as merged into the final config, less
   the keys that cannot change what is computed (:data:`VOLATILE_KEYS`: paths, logging, progress bars, devices,
-  how many epochs a run may take; the number of processes of a distributed run is kept: it sets the global batch);
+  how many epochs a run may take, the number of processes: they share a step's batches, see
+  :mod:`recbole_llm.trainer.llm_trainer`);
 * the content of the dataset's atomic files (``<data_path>/<dataset>.*``), so the same name in another folder or
   an ``.item`` file edited in place is a different input;
 * the recbole_llm version;
@@ -38,7 +39,7 @@ VOLATILE_KEYS = frozenset({
     "device", "single_spec", "local_rank", "resume", "save_dataset", "save_dataloaders", "log_wandb",
     "wandb_project", "worker", "nproc", "eval_batch_size", "data_path", "dataset_save_path",
     "dataloaders_save_path", "llm_cache_dir", "preset", "metric_decimal_place", "loss_decimal_place",
-    "verbose", "ip", "port", "offset", "dist_backend", "tune_cpus_per_trial", "tune_gpus_per_trial",
+    "verbose", "world_size", "ip", "port", "offset", "dist_backend", "tune_cpus_per_trial", "tune_gpus_per_trial",
 })
 
 def to_jsonable(value):

@@ -24,7 +24,7 @@ def runs(payload: list) -> list:
     records = []
     for model, settings in payload:
         record = run_recbole_llm(model, settings.pop("dataset", "ml-tiny"), config_dict=settings)
-        records.append({key: record[key] for key in ("test_result", "best_valid_result", "test_rows", "processes")})
+        records.append({key: record[key] for key in ("test_result", "best_valid_result", "test_rows", "processes", "train_losses")})
     return records
 
 

@@ -89,16 +89,15 @@ def test_sharded_evaluation_is_exact_on_1_2_and_3_processes(base_config, small_s
         assert [record["processes"] for record in per_rank[0]] == [processes] * 3
         assert per_rank[0][0]["test_rows"] == per_rank[0][1]["test_rows"] == ODD_USERS  # each user once
 
-    # SASRec and LR train alike on every process: their metrics do not depend on the number of processes, and
-    # AUC / LogLoss come from the gathered rows (averaged per-process AUCs would differ)
+    # SASRec and LR train alike on every process, ToyLLMRec takes one process's steps: their metrics do not depend
+    # on the number of processes, and AUC / LogLoss come from the gathered rows (averaged per-process AUCs differ)
     for processes in (2, 3):
-        for index in (0, 2):
+        for index in (0, 1, 2):
             assert_same_results(results[1][index]["test_result"], results[processes][index]["test_result"])
             assert_same_results(results[1][index]["best_valid_result"], results[processes][index]["best_valid_result"])
     assert results[1][0]["test_result"]["recall@50"] > 0 and 0.5 < results[1][2]["test_result"]["auc"] < 1
 
-    # ToyLLMRec trains data-parallel (another global batch per process count); its sharded test metrics equal one
-    # process of RecBole's pipeline evaluating the same weights
+    # ToyLLMRec's sharded test metrics equal one process of RecBole's pipeline evaluating the same weights
     for processes in (1, 2, 3):
         (best,) = (tmp_path / f"saved{processes}").glob("ToyLLMRec-ml-odd-*/best")
         config, model, _, _, _, test_data = load_model(best, check_inputs=False)
@@ -107,34 +106,40 @@ def test_sharded_evaluation_is_exact_on_1_2_and_3_processes(base_config, small_s
         assert single["recall@50"] > 0
 
 
-@pytest.mark.parametrize("lora_r", [4, 0])
-def test_one_data_parallel_step_equals_one_step_over_the_same_batches(base_config, data_path, tmp_path, lora_r):
+@pytest.mark.parametrize("lora_r, processes", [(4, 3), (0, 2)])
+def test_data_parallel_training_takes_the_steps_of_one_process(base_config, data_path, tmp_path, lora_r, processes):
+    # 3 batches, 2 per optimizer step: steps {0, 1} and {2}; under 2 processes rank 1 stands in for the second step,
+    # under 3 rank 2 stands in for both; LoRA dropout on, its masks seeded per batch
     (tmp_path / "data").mkdir()
     root = first_ratings_subset(tmp_path / "data", data_path, "ml-step", users=20, per_user=6)
     settings = {**base_config, "dataset": "ml-step", "data_path": str(root), "llm_path": "tiny-random",
-                "lora_r": lora_r, "lora_dropout": 0.0, "learner": "sgd", "learning_rate": 0.5, "weight_decay": 0.0,
-                "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "eval_step": 0, "train_neg_sample_args": None}
+                "lora_r": lora_r, "lora_dropout": 0.2, "learner": "sgd", "learning_rate": 0.5, "weight_decay": 0.0,
+                "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "eval_step": 0, "train_neg_sample_args": None,
+                "gradient_accumulation_steps": 2}
     start, rows = weights_at_start(settings)
-    settings["train_batch_size"] = math.ceil(rows / 2)  # the epoch is exactly two batches
-    # one process accumulates both batches into one step; two processes take one batch each and all-reduce
-    single = {**settings, "gradient_accumulation_steps": 2, "checkpoint_dir": str(tmp_path / "one")}
+    settings["train_batch_size"] = math.ceil(rows / 3)
+    assert math.ceil(rows / settings["train_batch_size"]) == 3
+    single = {**settings, "checkpoint_dir": str(tmp_path / "one")}
     record = run_recbole_llm("ToyLLMRec", "ml-step", config_dict=single)
-    parallel = {**settings, "gradient_accumulation_steps": 1, "checkpoint_dir": str(tmp_path / "two")}
-    launch(2, [["ToyLLMRec", {**parallel, "dataset": "ml-step"}]], tmp_path, "two-ranks")
+    parallel = {**settings, "checkpoint_dir": str(tmp_path / "many")}
+    (parallel_record, *_), *_ = launch(processes, [["ToyLLMRec", {**parallel, "dataset": "ml-step"}]], tmp_path,
+                                       "ranks")
 
     def weights(folder: str) -> dict[str, torch.Tensor]:
         (last,) = Path(folder).glob("ToyLLMRec-ml-step-*/last")
         meta = json.loads((last / "recbole_llm.json").read_text())
-        assert meta["optimizer_steps"] == 1
+        assert meta["optimizer_steps"] == 2
         return load_file(last / "model.safetensors")
 
-    one, two = weights(single["checkpoint_dir"]), weights(parallel["checkpoint_dir"])
-    assert one.keys() == two.keys()
+    one, many = weights(single["checkpoint_dir"]), weights(parallel["checkpoint_dir"])
+    assert one.keys() == many.keys()
     moved = 0
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(many[name], one[name], rtol=1e-5, atol=1e-5)
         moved += int(not torch.equal(one[name], start[name]))
     assert moved > 0 and record["train_tokens_per_second"]
+    # the logged epoch loss covers every batch once, as in one process
+    assert parallel_record["train_losses"][0][1] == pytest.approx(record["train_losses"][0][1], rel=1e-5)
 
 
 def weights_at_start(settings: dict) -> tuple[dict[str, torch.Tensor], int]:

@@ -127,11 +127,12 @@ def test_a_local_backbone_retrained_in_place_is_another_input(base_config, tmp_p
 
 
 
-def test_the_number_of_processes_is_keyed_and_a_rank_s_own_settings_are_not(base_config):
-    # a step of W processes averages W batches: another run; rank 1's quiet logging is the same run as rank 0's
+def test_the_number_of_processes_and_a_rank_s_own_settings_are_not_keyed(base_config):
+    # processes share a step's batches (the same run on any number of them); rank 1's quiet logging is rank 0's run
     config = make_config("ToyLLMRec", "ml-tiny", config_dict={**base_config, "llm_path": "tiny-random"})
     alone = run_fingerprint(config)
-    config.final_config_dict.update(world_size=2)
-    rank_zero = run_fingerprint(config)
-    config.final_config_dict.update(local_rank=1, verbose=False, state="error", show_progress=False)
-    assert rank_zero != alone and run_fingerprint(config) == rank_zero
+    config.final_config_dict.update(world_size=2, nproc=2, local_rank=1, verbose=False, state="error",
+                                    show_progress=False)
+    assert run_fingerprint(config) == alone
+    config.final_config_dict.update(gradient_accumulation_steps=2)  # a step of two batches is another run
+    assert run_fingerprint(config) != alone

@@ -15,7 +15,7 @@ from recbole_llm import load_model, run_recbole_llm
 from recbole_llm.quick_start import make_config
 from recbole_llm.settings import SettingError
 from recbole_llm.trainer.checkpoint import CheckpointError
-from recbole_llm.trainer.llm_trainer import lr_factor
+from recbole_llm.trainer.llm_trainer import deal, lr_factor, micro_batches
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 
 import toy_llm  # noqa: F401  (registers ToyLLMRec)
@@ -102,6 +102,23 @@ def test_gradient_accumulation_equals_one_big_batch(toy_config):
     joined = one_step(lambda data: [cat_interactions(data)], accumulation=1)
     # Two half-batches of equal size average to the full batch's mean loss.
     assert all(torch.allclose(split[n], joined[n], atol=1e-6) for n in split)
+
+
+def test_processes_share_each_step_s_batches_and_weigh_them_as_one_process_would():
+    # 5 batches, 2 per step, 2 processes: steps {0, 1}, {2, 3}, {4}; DDP divides the summed gradient by 2
+    def passes(rank, world, accumulation=2, n=5):
+        return [(m.index, m.weight, m.last_in_window) for m in deal(range(n), accumulation, rank, world)]
+
+    assert passes(0, 1) == [(0, .5, False), (1, .5, True), (2, .5, False), (3, .5, True), (4, 1, True)]
+    assert passes(0, 2) == [(0, 1, True), (2, 1, True), (4, 2, True)]
+    assert passes(1, 2) == [(1, 1, True), (3, 1, True), (4, 0, True)]  # a stand-in pass, weight 0, in the last step
+    # 3 processes, 2 batches per step: rank 2 only stands in; each step's weights sum to 3 (DDP's divisor)
+    assert [passes(r, 3, n=4) for r in range(3)] == [[(0, 1.5, True), (2, 1.5, True)], [(1, 1.5, True), (3, 1.5, True)],
+                                                      [(0, 0, True), (2, 0, True)]]
+    # 4 batches per step on 2 processes: two passes each, the optimizer steps after the second
+    assert passes(1, 2, accumulation=4, n=6) == [(1, .5, False), (3, .5, True), (5, 1, True)]
+    for n, accumulation, world in [(5, 2, 2), (4, 2, 3), (6, 4, 2), (7, 3, 2), (1, 1, 4)]:
+        assert micro_batches(n, accumulation, world) == len(passes(0, world, accumulation, n))
 
 
 # ------------------------------------------------------------------------------------------ unsafe checkpoints

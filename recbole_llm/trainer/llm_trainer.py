@@ -19,14 +19,17 @@ The run directory ``<checkpoint_dir>/<model>-<dataset>-<fingerprint>`` is keyed 
 YAML layer), the data files' content and the recbole_llm version (:mod:`recbole_llm.fingerprint`), so a
 changed input never resumes or reuses another run's weights.
 
-Several processes (torchrun; :mod:`recbole_llm.distributed`): the loss runs through a
-``DistributedDataParallel`` wrapper (the forward inside it, so DDP sees every parameter the loss used); each epoch's
-batches (RecBole's, or a model's own examples, Stage I or phase 1 batches), in the one seeded order every process
-draws alike, are dealt out in turns, process r taking batches r, r + W, ... (a whole batch each, so in-batch
-negatives stay what they are; the last ``n mod W`` batches are left out so every process steps alike); the
-all-reduce runs on the last micro-batch of each accumulation window only (``no_sync`` before). One optimizer step
-thus averages ``W x gradient_accumulation_steps`` batches: the number of processes is part of the run (its
-fingerprint). Rank 0 alone writes checkpoints; see :mod:`recbole_llm.trainer.parallel` for evaluation.
+Several processes (torchrun; :mod:`recbole_llm.distributed`): the processes share each optimizer step's batches
+instead of multiplying them, so a run computes the same thing on any number of processes (:func:`deal`). The
+epoch's batches (RecBole's, or a model's own examples, Stage I or phase 1 batches) come in the one seeded order every
+process draws alike; each window of ``gradient_accumulation_steps`` batches is one optimizer step, its batches dealt
+out in turns (whole batches, so in-batch negatives stay what they are), the loss runs through a
+``DistributedDataParallel`` wrapper (the forward inside it, so DDP sees every parameter the loss used) and the
+all-reduce runs on each process's last pass of the window only (``no_sync`` before). Dropout masks are drawn from a
+seed per batch (:func:`batch_seed`), not from the process's stream. A speed-up needs windows of at least as many
+batches as processes (``gradient_accumulation_steps`` a multiple of the number of processes); with fewer, the
+processes without a batch run a stand-in pass of weight 0 to keep step with the others. Rank 0 alone writes
+checkpoints; see :mod:`recbole_llm.trainer.parallel` for evaluation.
 
 Mixed precision: bf16 autocast on a CUDA GPU with bf16, and on a CPU with native bf16 instructions (AVX512-BF16 or
 AMX), when ``llm_dtype`` is ``auto`` (see :func:`recbole_llm.llm.backbone.autocast_dtype`); weights, gradients
@@ -37,10 +40,13 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from contextlib import nullcontext
-from itertools import islice
+from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 
+import numpy as np
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
@@ -48,7 +54,6 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from recbole_llm import distributed
-from recbole_llm.errors import UsageError
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
 from recbole_llm.llm.backbone import autocast_dtype
 from recbole_llm.locks import exclusive
@@ -75,6 +80,63 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     raise ValueError(f"unknown learning-rate schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One forward/backward of a process: batch ``index`` of the epoch, its loss weight, and whether the optimizer
+    steps after it."""
+
+    index: int
+    batch: object
+    weight: float
+    last_in_window: bool
+
+
+def deal(batches, accumulation: int, rank: int = 0, world: int = 1):
+    """This process's micro-batches of an epoch, as :class:`MicroBatch` es.
+
+    The epoch's batches, in their one seeded order, form windows of ``accumulation`` consecutive batches (the last
+    one may be shorter), one optimizer step each, whatever the number of processes ``world``. Within a window,
+    process ``r`` takes batches ``r, r + world, ...``, each weighted ``world / window`` (DDP averages the gradients
+    over processes, so a step's gradient is the mean over its window's batches, as in one process). Every process
+    runs ``ceil(window / world)`` passes per window; one with fewer batches repeats the window's first batch with
+    weight 0, so all processes step in lockstep."""
+    window: list = []
+    for index, batch in enumerate(batches):
+        window.append((index, batch))
+        if len(window) == accumulation:
+            yield from _share(window, rank, world)
+            window = []
+    if window:
+        yield from _share(window, rank, world)
+
+
+def _share(window: list, rank: int, world: int):
+    mine = window[rank::world]
+    passes = math.ceil(len(window) / world)
+    weight = world / len(window)
+    stand_ins = [window[0]] * (passes - len(mine))
+    for position, (index, batch) in enumerate(mine + stand_ins):
+        yield MicroBatch(index, batch, weight if position < len(mine) else 0.0, position + 1 == passes)
+
+
+def micro_batches(n_batches: int, accumulation: int, world: int = 1) -> int:
+    """How many passes :func:`deal` gives each process in an epoch of ``n_batches``."""
+    full, rest = divmod(n_batches, accumulation)
+    return full * math.ceil(accumulation / world) + math.ceil(rest / world)
+
+
+def batch_seed(seed: int, epoch: int, salt: int, index: int) -> int:
+    """The seed of the random draws (dropout) of batch ``index`` of an epoch: one per batch, not per process."""
+    return int(np.random.SeedSequence([int(seed or 0), epoch, salt, index]).generate_state(1)[0])
+
+
+def add_losses(total, values):
+    """``total + values`` for an epoch's loss (a number or a tuple of loss terms); None is nothing yet."""
+    if total is None or values is None:
+        return values if total is None else total
+    return tuple(a + b for a, b in zip(total, values)) if isinstance(values, tuple) else total + values
+
+
 class LLMTrainer(Trainer):
     """Trainer for recbole_llm models; see the module docstring for what differs from RecBole's."""
 
@@ -96,6 +158,12 @@ class LLMTrainer(Trainer):
         self.learning_rates: list[float] = []  # the rate of each optimizer step of this process
         self._scheduled, self._total_steps = False, None
         self._wrapped = None  # the DDP wrapper of a distributed run, made at the first training batch
+        world = distributed.world_size()
+        if self.accumulation_steps % world:
+            self.logger.warning(
+                f"gradient_accumulation_steps={self.accumulation_steps} is not a multiple of the {world} processes: "
+                "in each optimizer step some processes run a stand-in pass while others compute; for a speed-up set "
+                f"gradient_accumulation_steps to a multiple of {world} (and divide train_batch_size to keep the step)")
 
     # ---------------------------------------------------------------------------------------------- training
     def _build_optimizer(self, **kwargs):
@@ -113,52 +181,42 @@ class LLMTrainer(Trainer):
             train_data, loss_func = batches, self.model.batch_loss
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
-        train_data, n_batches = self._my_batches(train_data)
+        n_batches, world = len(train_data), distributed.world_size()
+        steps = deal(train_data, self.accumulation_steps, distributed.rank(), world)
+        salt = zlib.crc32(getattr(loss_func, "__name__", "loss").encode())
         total_loss = None
         progress = tqdm(
-            train_data, total=n_batches, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"),
-            disable=not show_progress,
+            steps, total=micro_batches(n_batches, self.accumulation_steps, world), ncols=100,
+            desc=set_color(f"Train {epoch_idx:>5}", "pink"), disable=not show_progress,
         )
         start, tokens = time.perf_counter(), 0
         self.optimizer.zero_grad(set_to_none=True)
-        for step, interaction in enumerate(progress):
-            interaction = interaction.to(self.device)
-            window_start = step - step % self.accumulation_steps
-            window = min(self.accumulation_steps, n_batches - window_start)
-            last_in_window = step + 1 == window_start + window
-            with self._gradient_sync(last_in_window), self.autocast():
+        for step in progress:
+            interaction = step.batch.to(self.device)
+            # dropout masks drawn from the batch's own seed: the same whatever the number of processes
+            torch.manual_seed(batch_seed(self.config["seed"], epoch_idx, salt, step.index))
+            with self._gradient_sync(step.last_in_window), self.autocast():
                 losses = self._loss(loss_func, interaction)
                 loss = sum(losses) if isinstance(losses, tuple) else losses
                 self._check_nan(loss)
-                (loss / window).backward()
-            if last_in_window:
+                (loss * step.weight).backward()
+            if step.last_in_window:
                 if self.clip_grad_norm:
                     clip_grad_norm_(self.trainable_parameters, **self.clip_grad_norm)
                 self._schedule_step(n_batches)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            values = tuple(l.item() for l in losses) if isinstance(losses, tuple) else loss.item()
-            total_loss = values if total_loss is None else (
-                tuple(a + b for a, b in zip(total_loss, values)) if isinstance(values, tuple) else total_loss + values
-            )
+            if not step.weight:
+                continue  # a process's stand-in pass (its window had fewer batches than processes)
+            total_loss = add_losses(total_loss, tuple(l.item() for l in losses) if isinstance(losses, tuple)
+                                    else loss.item())
             tokens += int(getattr(self.model, "last_batch_tokens", 0))
             progress.set_postfix(loss=f"{loss.item():.4f}")
         self.train_seconds += time.perf_counter() - start
         self.train_tokens += distributed.total(tokens)  # every process's tokens: the run's throughput
+        if world > 1:  # the loss over all the epoch's batches, as one process reports it
+            total_loss = reduce(add_losses, distributed.all_gather(total_loss))
         return total_loss
-
-    def _my_batches(self, batches):
-        """``(this process's batches, how many)``: all of them in one process; else batches r, r + W, ... of
-        the epoch, the same number on every process."""
-        n = len(batches)
-        world = distributed.world_size()
-        if world == 1:
-            return batches, n
-        if n < world:
-            raise UsageError(f"an epoch of {n} batches cannot be shared by {world} processes: use a smaller "
-                             "train_batch_size, more training examples, or fewer processes")
-        mine = n // world
-        return islice(batches, distributed.rank(), mine * world, world), mine
 
     def _ddp(self):
         """The DDP wrapper of a distributed run (made once, before the first micro-batch), else None."""
