@@ -203,6 +203,7 @@ COMMON: dict[str, Setting] = {
     "lr_warmup": number(at_least=0, example="0.01"),
     "resume": boolean(),
     "dist_backend": choice("auto", "gloo", "nccl"),
+    "llm_parallel": choice("ddp", "fsdp"),
     "tune_cpus_per_trial": number(above=0, example="1"),
     "tune_gpus_per_trial": number(at_least=0, example="0.5"),
     "item_text_fields": string_mapping("{Title: movie_title, Year: release_year}"),

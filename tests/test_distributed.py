@@ -106,40 +106,73 @@ def test_sharded_evaluation_is_exact_on_1_2_and_3_processes(base_config, small_s
         assert single["recall@50"] > 0
 
 
-@pytest.mark.parametrize("lora_r, processes", [(4, 3), (0, 2)])
-def test_data_parallel_training_takes_the_steps_of_one_process(base_config, data_path, tmp_path, lora_r, processes):
-    # 3 batches, 2 per optimizer step: steps {0, 1} and {2}; under 2 processes rank 1 stands in for the second step,
-    # under 3 rank 2 stands in for both; LoRA dropout on, its masks seeded per batch
+def step_settings(base_config, data_path, tmp_path, **changes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """ToyLLMRec settings whose epoch is 3 batches, 2 per optimizer step: steps {0, 1} and {2}; the weights at
+    the start."""
     (tmp_path / "data").mkdir()
     root = first_ratings_subset(tmp_path / "data", data_path, "ml-step", users=20, per_user=6)
     settings = {**base_config, "dataset": "ml-step", "data_path": str(root), "llm_path": "tiny-random",
-                "lora_r": lora_r, "lora_dropout": 0.2, "learner": "sgd", "learning_rate": 0.5, "weight_decay": 0.0,
+                "lora_dropout": 0.2, "learner": "sgd", "learning_rate": 0.5, "weight_decay": 0.0,
                 "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "eval_step": 0, "train_neg_sample_args": None,
-                "gradient_accumulation_steps": 2}
+                "gradient_accumulation_steps": 2, **changes}
     start, rows = weights_at_start(settings)
     settings["train_batch_size"] = math.ceil(rows / 3)
     assert math.ceil(rows / settings["train_batch_size"]) == 3
-    single = {**settings, "checkpoint_dir": str(tmp_path / "one")}
-    record = run_recbole_llm("ToyLLMRec", "ml-step", config_dict=single)
-    parallel = {**settings, "checkpoint_dir": str(tmp_path / "many")}
-    (parallel_record, *_), *_ = launch(processes, [["ToyLLMRec", {**parallel, "dataset": "ml-step"}]], tmp_path,
-                                       "ranks")
+    return settings, start
 
-    def weights(folder: str) -> dict[str, torch.Tensor]:
-        (last,) = Path(folder).glob("ToyLLMRec-ml-step-*/last")
-        meta = json.loads((last / "recbole_llm.json").read_text())
-        assert meta["optimizer_steps"] == 2
-        return load_file(last / "model.safetensors")
 
-    one, many = weights(single["checkpoint_dir"]), weights(parallel["checkpoint_dir"])
+def last_weights(folder: str, steps: int) -> dict[str, torch.Tensor]:
+    (last,) = Path(folder).glob("ToyLLMRec-ml-step-*/last")
+    meta = json.loads((last / "recbole_llm.json").read_text())
+    assert meta["optimizer_steps"] == steps
+    return load_file(last / "model.safetensors")
+
+
+def assert_moved_alike(one: dict, many: dict, start: dict, tolerance: float = 1e-5) -> None:
     assert one.keys() == many.keys()
     moved = 0
     for name in one:
-        torch.testing.assert_close(many[name], one[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(many[name], one[name], rtol=tolerance, atol=tolerance)
         moved += int(not torch.equal(one[name], start[name]))
-    assert moved > 0 and record["train_tokens_per_second"]
+    assert moved > 0
+
+
+@pytest.mark.parametrize("lora_r, processes, parallel", [(4, 3, "ddp"), (0, 2, "ddp"), (0, 2, "fsdp")])
+def test_data_parallel_training_takes_the_steps_of_one_process(base_config, data_path, tmp_path, lora_r, processes,
+                                                               parallel):
+    # under 2 processes rank 1 stands in for the second step, under 3 rank 2 stands in for both; LoRA dropout on,
+    # its masks seeded per batch. FSDP: the backbone sharded, gathered whole into the checkpoint, evaluated whole
+    # by each process on its users.
+    settings, start = step_settings(base_config, data_path, tmp_path, lora_r=lora_r)
+    single = {**settings, "checkpoint_dir": str(tmp_path / "one")}
+    record = run_recbole_llm("ToyLLMRec", "ml-step", config_dict=single)
+    parallel = {**settings, "checkpoint_dir": str(tmp_path / "many"), "llm_parallel": parallel}
+    (parallel_record, *_), *_ = launch(processes, [["ToyLLMRec", {**parallel, "dataset": "ml-step"}]], tmp_path,
+                                       "ranks")
+    assert_moved_alike(last_weights(single["checkpoint_dir"], 2), last_weights(parallel["checkpoint_dir"], 2), start)
+    assert record["train_tokens_per_second"]
     # the logged epoch loss covers every batch once, as in one process
     assert parallel_record["train_losses"][0][1] == pytest.approx(record["train_losses"][0][1], rel=1e-5)
+    assert_same_results(record["test_result"], parallel_record["test_result"], tolerance=1e-5)
+
+
+def test_fsdp_holds_a_share_of_the_weights_and_resumes_its_sharded_optimizer(base_config, data_path, tmp_path):
+    # Adam (optimizer state to resume), full fine-tuning; the 2-process run stops after epoch 1 and resumes for
+    # epoch 2 from its gathered checkpoint; one process trains both epochs at once
+    settings, start = step_settings(base_config, data_path, tmp_path, lora_r=0, learner="adam", learning_rate=0.01,
+                                    llm_parallel="fsdp")
+    single = {**settings, "epochs": 2, "checkpoint_dir": str(tmp_path / "one")}
+    run_recbole_llm("ToyLLMRec", "ml-step", config_dict=single)
+    sharded = {**settings, "checkpoint_dir": str(tmp_path / "many")}
+    shares = launch(2, sharded, tmp_path, "shares", job="shares")
+    assert [share["sharded"] for share in shares] == [True, True]
+    total = shares[0]["total"]
+    assert total == sum(tensor.numel() for tensor in start.values())  # every trainable weight, whole ...
+    for share in shares:  # ... held half by each process (rows padded to an even split)
+        assert total / 2 <= share["local"] < total / 2 + 0.02 * total
+    launch(2, [["ToyLLMRec", dict(sharded)], ["ToyLLMRec", {**sharded, "epochs": 2}]], tmp_path, "resumed")
+    assert_moved_alike(last_weights(single["checkpoint_dir"], 4), last_weights(sharded["checkpoint_dir"], 4), start,
+                       tolerance=1e-4)
 
 
 def weights_at_start(settings: dict) -> tuple[dict[str, torch.Tensor], int]:

@@ -84,6 +84,22 @@ def test_rerun_resumes_instead_of_retraining(toy_config):
     assert second["best_valid_score"] >= first["best_valid_score"]
 
 
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(toy_config, tmp_path):
+    # the epoch order, dropout masks and Adam's state all continue where the first run stopped
+    settings = {**toy_config, "learner": "adam", "lora_dropout": 0.3, "eval_step": 0, "llm_dtype": "fp32"}
+    straight = {**settings, "epochs": 2, "checkpoint_dir": str(tmp_path / "straight")}
+    resumed = {**settings, "checkpoint_dir": str(tmp_path / "resumed")}
+    run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict=straight)
+    run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**resumed, "epochs": 1})
+    run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**resumed, "epochs": 2})
+    (one,), (two,) = (list(Path(d["checkpoint_dir"]).glob("ToyLLMRec-*/last")) for d in (straight, resumed))
+    assert json.loads((two / "recbole_llm.json").read_text())["epoch"] == 1
+    first, second = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=1e-6, atol=1e-7)
+
+
 def test_gradient_accumulation_equals_one_big_batch(toy_config):
     def one_step(batches, accumulation):
         config = make_config("ToyLLMRec", "ml-tiny", config_dict={

@@ -248,7 +248,7 @@ class ILMTrainer(LLMTrainer):
             start = 0
             if meta is not None and meta.get("stage") == "phase1":
                 load_weights(folder, self.model)
-                load_optimizer(folder, self.optimizer)
+                load_optimizer(folder, self.model, self.optimizer)
                 start = int(meta["epoch"]) + 1
                 self.logger.info(set_color("Phase 1", "blue") + f": resuming after epoch {meta['epoch']} ({folder})")
             epochs = int(self.config["ilm_phase1_epochs"])

@@ -6,7 +6,9 @@ A checkpoint is a directory::
     recbole_llm.json     model, dataset, the user's config, training progress, package versions
     optimizer.pt         optimizer state (resume checkpoints only; tensors and numbers, loads with weights_only)
 
-Nothing is pickled, so everything loads with torch's safe defaults. The frozen pretrained backbone is not
+Nothing is pickled, so everything loads with torch's safe defaults. A model sharded by FSDP (``llm_parallel: fsdp``)
+is saved whole, gathered by every process together (:func:`trainable_state_dict`, :func:`optimizer_state`, both
+collective then), and loaded into the shards. The frozen pretrained backbone is not
 saved: it is rebuilt from ``llm_path``. A model marks its backbone sub-modules with a class attribute
 ``backbone_modules = ("llm",)``; parameters under them are saved only when trainable (LoRA adapters, new
 token rows). Models without the attribute are saved whole.
@@ -20,9 +22,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from recbole_llm import distributed
 from recbole_llm.cache import write_dir_atomically
 from recbole_llm.errors import UsageError
 from recbole_llm.fingerprint import to_jsonable
+from recbole_llm.trainer.data_parallel import is_sharded
 
 WEIGHTS = "model.safetensors"
 META = "recbole_llm.json"
@@ -48,22 +52,39 @@ def _saved(model: torch.nn.Module):
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State to save (see :func:`_saved`), on the CPU."""
-    # clone: safetensors refuses shared storage
-    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in _saved(model)}
+    """State to save (see :func:`_saved`), on the CPU. A sharded model's tensors are gathered whole: every process
+    must call this, in step; rank 0 gets the state, the others an empty dict."""
+    from torch.distributed.tensor import DTensor
+
+    keep = distributed.is_main() or not is_sharded(model)
+    state = {}
+    for name, tensor in _saved(model):
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()  # a collective: every process gathers each tensor in the same order
+        if keep:  # clone: safetensors refuses shared storage
+            state[name] = tensor.detach().to("cpu").contiguous().clone()
+    return state
 
 
+def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's state to save; for a sharded model gathered whole (keyed by parameter names, every process
+    calls this in step, rank 0 gets it)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-
-def save_checkpoint(path, model, meta: dict, optimizer=None) -> Path:
-    """Write a checkpoint directory atomically (an interrupted save never leaves a broken checkpoint)."""
+def save_checkpoint(path, state: dict, meta: dict, optimizer_state: dict | None = None) -> Path:
+    """Write a checkpoint directory of ``state`` (:func:`trainable_state_dict`), ``meta`` and the optimizer's state
+    atomically (an interrupted save never leaves a broken checkpoint)."""
 
     def fill(tmp: Path) -> None:
-        save_file(trainable_state_dict(model), tmp / WEIGHTS)
+        save_file(state, tmp / WEIGHTS)
         (tmp / META).write_text(json.dumps({"format": FORMAT_VERSION, **to_jsonable(meta)}, indent=2))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER)
 
     return write_dir_atomically(Path(path), fill, overwrite=True)
 
@@ -102,12 +123,24 @@ def load_weights(path, model: torch.nn.Module) -> None:
             + (f"unexpected tensors {unexpected[:5]}; " if unexpected else "")
             + "was it saved by another model configuration, or damaged?"
         )
-    model.load_state_dict(state, strict=False)
+    if is_sharded(model):  # every process read the whole file and keeps its shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(state, strict=False)
 
 
-def load_optimizer(path, optimizer) -> bool:
+def load_optimizer(path, model: torch.nn.Module, optimizer) -> bool:
+    """Load the optimizer state saved with a checkpoint (into the shards of a sharded model); False if none."""
     file = Path(path) / OPTIMIZER
     if not file.is_file():
         return False
-    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
     return True

@@ -54,10 +54,13 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from recbole_llm import distributed
+from recbole_llm.errors import UsageError
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
 from recbole_llm.llm.backbone import autocast_dtype
 from recbole_llm.locks import exclusive
-from recbole_llm.trainer.checkpoint import META, load_optimizer, load_weights, read_meta, save_checkpoint
+from recbole_llm.trainer import data_parallel
+from recbole_llm.trainer.checkpoint import (META, load_optimizer, load_weights, optimizer_state, read_meta,
+                                            save_checkpoint, trainable_state_dict)
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -125,9 +128,10 @@ def micro_batches(n_batches: int, accumulation: int, world: int = 1) -> int:
     return full * math.ceil(accumulation / world) + math.ceil(rest / world)
 
 
-def batch_seed(seed: int, epoch: int, salt: int, index: int) -> int:
-    """The seed of the random draws (dropout) of batch ``index`` of an epoch: one per batch, not per process."""
-    return int(np.random.SeedSequence([int(seed or 0), epoch, salt, index]).generate_state(1)[0])
+def batch_seed(seed: int, epoch: int, salt: int, *index: int) -> int:
+    """The seed of an epoch's order, or of the random draws (dropout) of its batch ``index``: one per epoch and
+    batch, not per process or per resumed run."""
+    return int(np.random.SeedSequence([int(seed or 0), epoch, salt, *index]).generate_state(1)[0])
 
 
 def add_losses(total, values):
@@ -141,6 +145,13 @@ class LLMTrainer(Trainer):
     """Trainer for recbole_llm models; see the module docstring for what differs from RecBole's."""
 
     def __init__(self, config, model):
+        # the data-parallel wrapper comes first: FSDP replaces the parameters the optimizer will hold
+        self.llm_parallel = config["llm_parallel"] or "ddp"
+        if self.llm_parallel == "fsdp" and (config["llm_quantization"] or "none") != "none":
+            raise UsageError("llm_parallel: fsdp cannot shard a quantized backbone (llm_quantization: "
+                             f"{config['llm_quantization']}): use llm_parallel: ddp, or llm_quantization: none")
+        self._parallel = (data_parallel.wrap(model, self.llm_parallel, config["device"])
+                          if distributed.is_distributed() else None)
         super().__init__(config, model)
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"] or 1))
         self.resume = bool(config["resume"])
@@ -157,7 +168,6 @@ class LLMTrainer(Trainer):
         self.optimizer_steps = 0  # of fit's schedule (a resumed run restores it)
         self.learning_rates: list[float] = []  # the rate of each optimizer step of this process
         self._scheduled, self._total_steps = False, None
-        self._wrapped = None  # the DDP wrapper of a distributed run, made at the first training batch
         world = distributed.world_size()
         if self.accumulation_steps % world:
             self.logger.warning(
@@ -182,8 +192,15 @@ class LLMTrainer(Trainer):
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
         n_batches, world = len(train_data), distributed.world_size()
-        steps = deal(train_data, self.accumulation_steps, distributed.rank(), world)
         salt = zlib.crc32(getattr(loss_func, "__name__", "loss").encode())
+        if isinstance(getattr(train_data, "generator", None), torch.Generator):
+            # RecBole's loader shuffles with one generator seeded once and samples negatives from numpy's global
+            # stream: its epoch k would depend on the epochs this process ran before (a resumed run would replay
+            # epoch 0); both seeded per epoch instead
+            epoch_seed = batch_seed(self.config["seed"], epoch_idx, salt)
+            train_data.generator.manual_seed(epoch_seed)
+            np.random.seed(epoch_seed % 2**32)
+        steps = deal(train_data, self.accumulation_steps, distributed.rank(), world)
         total_loss = None
         progress = tqdm(
             steps, total=micro_batches(n_batches, self.accumulation_steps, world), ncols=100,
@@ -218,23 +235,19 @@ class LLMTrainer(Trainer):
             total_loss = reduce(add_losses, distributed.all_gather(total_loss))
         return total_loss
 
-    def _ddp(self):
-        """The DDP wrapper of a distributed run (made once, before the first micro-batch), else None."""
-        if self._wrapped is None and distributed.is_distributed():
-            self._wrapped = torch.nn.parallel.DistributedDataParallel(
-                _LossOf(self.model), find_unused_parameters=True, broadcast_buffers=False)
-        return self._wrapped
-
     def _loss(self, loss_func, batch):
-        """``loss_func(batch)``; in a distributed run through the DDP wrapper, so its all-reduce covers every
-        parameter the loss used."""
-        wrapped = self._ddp()
-        return loss_func(batch) if wrapped is None else wrapped(loss_func, batch)
+        """``loss_func(batch)``; in a distributed run through the data-parallel wrapper, so its gradient
+        synchronisation covers every parameter the loss used."""
+        return loss_func(batch) if self._parallel is None else self._parallel.loss(loss_func, batch)
 
     def _gradient_sync(self, last_in_window: bool):
-        """No all-reduce on the micro-batches before the last one of an accumulation window."""
-        wrapped = self._ddp()
-        return nullcontext() if wrapped is None or last_in_window else wrapped.no_sync()
+        """No gradient synchronisation on the passes before the last one of an accumulation window."""
+        return nullcontext() if self._parallel is None else self._parallel.sync(last_in_window)
+
+    @property
+    def collective_checkpoints(self) -> bool:
+        """Whether saving a checkpoint takes every process (the weights are sharded: each holds a part)."""
+        return self._parallel is not None and data_parallel.is_sharded(self.model)
 
     def _schedule_step(self, n_batches: int) -> None:
         """Set the learning rate of the next optimizer step of ``fit`` (other loops, such as CALRec's Stage I,
@@ -294,8 +307,12 @@ class LLMTrainer(Trainer):
         """Save the trainable weights (and ``optimizer``) to ``path``; in a distributed run rank 0 alone writes
         (the others read it after a barrier: :mod:`recbole_llm.trainer.parallel`'s ``evaluate``, or the lock of
         :meth:`fit`)."""
+        if not (distributed.is_main() or self.collective_checkpoints):
+            return
+        state = trainable_state_dict(self.model)  # gathered by every process when sharded
+        optimizer = None if optimizer is None else optimizer_state(self.model, optimizer)
         if distributed.is_main():
-            save_checkpoint(path, self.model, meta, optimizer)
+            save_checkpoint(path, state, meta, optimizer)
 
     def _resume_from_last(self) -> None:
         if not (self.last_checkpoint / META).is_file():
@@ -304,7 +321,7 @@ class LLMTrainer(Trainer):
         if meta.get("fingerprint") != self.fingerprint:
             return
         load_weights(self.last_checkpoint, self.model)
-        load_optimizer(self.last_checkpoint, self.optimizer)
+        load_optimizer(self.last_checkpoint, self.model, self.optimizer)
         self.start_epoch = self.epochs if meta.get("finished") else meta["epoch"] + 1
         self.cur_step = meta["cur_step"]
         self.optimizer_steps = int(meta.get("optimizer_steps", 0))
@@ -339,16 +356,6 @@ class LLMTrainer(Trainer):
             checkpoint = model_file or self.saved_model_file
             load_weights(checkpoint, self.model)
             self.logger.info(f"Loading trainable weights from {checkpoint}")
-        with self.autocast():
+        unsharded = nullcontext() if self._parallel is None else self._parallel.unsharded()
+        with unsharded, self.autocast():  # each process ranks its own users with the whole model
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-
-
-class _LossOf(torch.nn.Module):
-    """The module DDP wraps: its forward is a loss of the model (``calculate_loss``, ``batch_loss``, ...)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, loss_func, batch):
-        return loss_func(batch)

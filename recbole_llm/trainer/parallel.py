@@ -48,9 +48,9 @@ class ParallelTrainer:
         self.saved_model_file = distributed.broadcast(self.saved_model_file)  # RecBole's name holds a time stamp
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if distributed.is_main():
+        if distributed.is_main() or getattr(self, "collective_checkpoints", False):  # sharded weights: all gather
             super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
-        else:  # the group's file, written by rank 0: this process may load it
+        if not distributed.is_main():  # the group's file, written by rank 0: this process may load it
             trust_checkpoint(kwargs.get("saved_model_file", self.saved_model_file))
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
