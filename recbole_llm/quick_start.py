@@ -445,14 +445,16 @@ def check_tuned_keys(params_file, space: dict, config) -> None:
 
 
 def trials_table(trials, valid_metric: str) -> str:
-    """One row per trial; a trial stopped early (Ray's ASHA) has no test result ("–")."""
+    """One row per trial; a trial stopped early (Ray's ASHA) has no test result ("–"), a failed one shows its
+    error in place of its validation score."""
     metrics = next((list(t["test"]) for t in trials if t.get("test")), [])
     lines = [f"| params | valid {valid_metric} | " + " | ".join(f"test {m}" for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for t in trials:
         params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
         tests = [_format_value((t.get("test") or {}).get(m)) for m in metrics]
-        lines.append(f"| {params} | {_format_value(t['valid_score'])} | " + " | ".join(tests) + " |")
+        valid = f"failed: {t['error']}".replace("|", "/") if t.get("error") else _format_value(t["valid_score"])
+        lines.append(f"| {params} | {valid} | " + " | ".join(tests) + " |")
     return "\n".join(lines)
 
 

@@ -150,22 +150,33 @@ def ray_tune(model, dataset, params_file, algo="exhaustive", max_evals=10, confi
     finally:
         if started:
             ray.shutdown()
-    trials, errors = [], []
-    for result in grid:
-        if result.error is not None:
-            errors.append(result.error)
-            continue
-        metrics = result.metrics or {}
-        trials.append({"params": {name: result.config[name] for name in specs},
-                       "valid_score": metrics.get("best_valid_score"),
-                       "valid": metrics.get("valid"), "test": metrics.get("test")})
+    trials = collect_trials(grid, specs)
     scored = [t for t in trials if t["valid_score"] is not None]
     if not scored:
+        errors = [t["error"] for t in trials if t.get("error")]
         raise RuntimeError(f"no Ray trial reported a validation score; first error: {errors[:1]}")
     best = scored[0]
     for trial in scored[1:]:
         best = trial if _better(trial["valid_score"], best["valid_score"], bigger) else best
     return TuningResult(best_params=best["params"], valid_metric=config["valid_metric"], trials=trials)
+
+
+def collect_trials(grid, specs: dict) -> list[dict]:
+    """One entry per Ray result: its parameters, best validation score, valid and test results; a trial that
+    raised keeps its row, with the error's last line (and no scores), so a failed setting is never silently
+    missing from the table."""
+    trials = []
+    for result in grid:
+        config = result.config or {}
+        trial = {"params": {name: config.get(name) for name in specs}}
+        if result.error is not None:
+            lines = str(result.error).strip().splitlines() or [type(result.error).__name__]
+            trials.append({**trial, "valid_score": None, "valid": None, "test": None, "error": lines[-1][:300]})
+            continue
+        metrics = result.metrics or {}
+        trials.append({**trial, "valid_score": metrics.get("best_valid_score"), "valid": metrics.get("valid"),
+                       "test": metrics.get("test")})
+    return trials
 
 
 def _run_config(storage: Path, name: str):

@@ -107,14 +107,14 @@ def test_sharded_evaluation_is_exact_on_1_2_and_3_processes(base_config, small_s
 
 
 def step_settings(base_config, data_path, tmp_path, **changes) -> tuple[dict, dict[str, torch.Tensor]]:
-    """ToyLLMRec settings whose epoch is 3 batches, 2 per optimizer step: steps {0, 1} and {2}; the weights at
-    the start."""
+    """ToyLLMRec settings whose epoch is 3 batches, 2 per optimizer step: steps {0, 1} and {2}, gradients clipped
+    to a norm the steps exceed (over the whole gradient, not one process's part); the weights at the start."""
     (tmp_path / "data").mkdir()
     root = first_ratings_subset(tmp_path / "data", data_path, "ml-step", users=20, per_user=6)
     settings = {**base_config, "dataset": "ml-step", "data_path": str(root), "llm_path": "tiny-random",
                 "lora_dropout": 0.2, "learner": "sgd", "learning_rate": 0.5, "weight_decay": 0.0,
                 "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "eval_step": 0, "train_neg_sample_args": None,
-                "gradient_accumulation_steps": 2, **changes}
+                "gradient_accumulation_steps": 2, "clip_grad_norm": {"max_norm": 0.05}, **changes}
     start, rows = weights_at_start(settings)
     settings["train_batch_size"] = math.ceil(rows / 3)
     assert math.ceil(rows / settings["train_batch_size"]) == 3

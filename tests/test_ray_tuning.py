@@ -47,3 +47,21 @@ def test_ray_tool_without_ray_says_how_to_install_it(base_config, tmp_path, monk
     code = main(["--model=BPR", "--dataset=ml-tiny", f"--tune={params}", "--tune_tool=ray", *_flags(base_config)])
     assert code == 2
     assert "pip install 'recbole-llm[ray]'" in capsys.readouterr().err
+
+
+def test_a_failed_trial_keeps_its_row_with_its_error():
+    from types import SimpleNamespace
+
+    from recbole_llm.quick_start import trials_table
+    from recbole_llm.ray_tuning import collect_trials
+
+    grid = [SimpleNamespace(config={"learning_rate": 0.01}, error=None,
+                            metrics={"best_valid_score": 0.25, "valid": {"ndcg@10": 0.25}, "test": {"ndcg@10": 0.2}}),
+            SimpleNamespace(config={"learning_rate": 5.0}, metrics=None,
+                            error=RuntimeError("Traceback ...\nValueError: loss is nan | stopped"))]
+    trials = collect_trials(grid, {"learning_rate": "choice [0.01,5.0]"})
+    assert [t["params"] for t in trials] == [{"learning_rate": 0.01}, {"learning_rate": 5.0}]
+    assert trials[1]["error"] == "ValueError: loss is nan | stopped" and trials[1]["valid_score"] is None
+    rows = trials_table(trials, "NDCG@10").splitlines()
+    assert len(rows) == 4 and rows[2] == "| learning_rate=0.01 | 0.2500 | 0.2000 |"
+    assert rows[3].startswith("| learning_rate=5.0 | failed: ValueError: loss is nan / stopped |")
