@@ -204,7 +204,9 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "test_auc_se": auc_se,
         "train_tokens_per_second": _tokens_per_second(trainer),
         # the summed training loss (or loss terms) of each epoch this run trained, as RecBole's trainer logs it
-        "train_losses": [[epoch, to_jsonable(loss)] for epoch, loss in sorted(trainer.train_loss_dict.items())],
+        # (RecBole's decision-tree trainers, XGBoost and LightGBM, keep no such record)
+        "train_losses": [[epoch, to_jsonable(loss)]
+                         for epoch, loss in sorted(getattr(trainer, "train_loss_dict", {}).items())],
         "model_report": to_jsonable(model_obj.run_report()) if hasattr(model_obj, "run_report") else None,
         "peak_rss_mib": round(memory.peak_rss_mib, 1),
         "peak_gpu_mib": None if memory.peak_gpu_mib is None else round(memory.peak_gpu_mib, 1),
