@@ -9,9 +9,10 @@ gets the same result, so early stopping decides alike everywhere.
 
 Checkpoints are written by rank 0 only, under one name every process knows, and read after a barrier.
 
-Training: :class:`recbole_llm.trainer.LLMTrainer` runs data-parallel (DDP, each optimizer step's batches shared
-out between the processes: the same steps as one process). RecBole's own trainers train their (small) models on every process alike: the same seed,
-data and order give the same weights, and every process tests rank 0's best checkpoint.
+Training: :class:`recbole_llm.trainer.LLMTrainer` runs data-parallel (DDP or FSDP, each optimizer step's batches
+shared out between the processes: the same steps as one process). RecBole's own trainers train their (small)
+models on every process alike: the same seed, data and order give the same weights, and every process tests rank
+0's best checkpoint.
 """
 
 from __future__ import annotations
