@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-from recbole_llm.quick_start import comparison_table, git_commit, run_in_comparison
+from recbole_llm.quick_start import git_commit, run_in_comparison, write_report
 
 
 def filter_runs(parser, runs: list[tuple[str, str, dict]], texts: list[str]) -> list[tuple[str, str, dict]]:
@@ -32,12 +31,11 @@ def run_and_report(runs, dataset: str, protocol: dict, *, script: str, title: st
     for label, model, settings in runs:
         records.append(run_in_comparison(model, dataset, protocol, config_dict=settings, results_path=results,
                                          label=label))
-        report = (
+        header = (
             f"{title}\n\n- command: `{command.strip()}`\n- commit: {commit}\n- machine: {machine}\n"
-            f"- started: {started}\n- protocol: {protocol}\n- test rows per model: {records[-1]['test_rows']}\n\n"
-            f"{comparison_table(records)}\n\n{details(records)}\n"
+            f"- started: {started}\n- protocol: {protocol}\n- test rows per model: {records[-1]['test_rows']}"
         )
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(report)
+        # the table with paired intervals, and the figures beside it, rewritten after every run
+        report, _ = write_report(records, out, header, title=title.split("\n")[0], footer=details(records))
     print(report)
     return records

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(trials in parallel on a local instance or the cluster of RAY_ADDRESS, ASHA on the "
                              "validation metric; pip install 'recbole-llm[ray]')")
     parser.add_argument("--max_evals", type=int, default=10, help="trials for random / bayes tuning")
+    parser.add_argument("--significance", default="on", choices=["on", "off"],
+                        help="paired bootstrap intervals of each model's difference to the best other one in the "
+                             "valid_metric on the test split (marked * where they exclude 0), written with the table")
+    parser.add_argument("--plots", default="on", choices=["on", "off"],
+                        help="PNG figures beside the table: test metrics with intervals, learning curves")
     return parser
 
 
@@ -153,7 +158,6 @@ def _write_table(args, records, note: str = "") -> None:
 
     if not distributed.is_main():
         return
-    table = quick_start.comparison_table(records)
     protocol = records[0]["protocol"]
     models = ", ".join(record["model"] for record in records)
     modes = set(protocol["eval_args"]["mode"].values())
@@ -170,11 +174,12 @@ def _write_table(args, records, note: str = "") -> None:
         f"recbole_llm {recbole_llm.__version__}, commit {records[0]['commit'] or 'unknown'}, "
         f"device {records[0]['device']}" + (f" | {note}" if note else "")
     )
-    print(f"\n{header}\n\n{table}\n")
     table_path = Path(args.table or f"saved/comparison-{args.dataset}-{_stamp()}.md")
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    table_path.write_text(f"{header}\n\n{table}\n")
-    print(f"table written to {table_path}" + (f"; records appended to {args.results}" if args.results else ""))
+    report, written = quick_start.write_report(records, table_path, header, significance=args.significance == "on",
+                                               plots=args.plots == "on", title=f"{models} on {args.dataset}")
+    print(f"\n{report}")
+    print(f"written: {', '.join(map(str, written))}" + (f"; records appended to {args.results}" if args.results
+                                                          else ""))
 
 
 def _tune(args, models, config_files, overrides) -> int:

@@ -1,8 +1,12 @@
-"""Metrics recbole_llm adds to RecBole's evaluator.
+"""Metrics recbole_llm adds to RecBole's evaluator, and each evaluated user's (or row's) share of a metric.
 
 RecBole finds its metrics by introspecting ``recbole.evaluator.metrics`` once, at import; :func:`register_metric`
 adds a class to the same four registries (Config and the Evaluator read them by reference), so ``metrics: [AUC,
 LogLoss, Accuracy]`` works in any YAML, for every model.
+
+:func:`evaluation_units` keeps what a test result is an average of (RecBole's per-user values of each top-k metric;
+the scores and labels of the rows a CTR metric is computed over), for paired significance between the models of a
+comparison (:mod:`recbole_llm.significance`).
 """
 
 from __future__ import annotations
@@ -56,3 +60,65 @@ def register_metric(cls) -> None:
 
 
 register_metric(Accuracy)
+
+
+def metric_class(name: str):
+    """RecBole's metric class for a result key (``"ndcg@10"`` -> NDCG, ``"auc"`` -> AUC)."""
+    from recbole.evaluator.register import metrics_dict
+
+    return metrics_dict[name.split("@")[0].lower()]
+
+
+def per_user_values(struct, metrics, topk) -> dict[str, np.ndarray]:
+    """``{"ndcg@10": [rows] float, ...}``: every top-k metric's value for each evaluated row (a user in full
+    ranking), taken from RecBole's own computation: the per-user matrix its ``topk_result`` averages. Other
+    metrics (AUC, GAUC, coverage, ...) are not averages over users and are left out."""
+    from recbole.evaluator.base_metric import TopkMetric
+
+    values = {}
+
+    def keep(label, matrix):
+        for k in topk:
+            values[f"{label}@{k}"] = np.asarray(matrix[:, k - 1], dtype=np.float64)
+        return {}
+
+    for name in metrics:
+        cls = metric_class(name)
+        if issubclass(cls, TopkMetric):
+            metric = cls({"metric_decimal_place": 12, "topk": list(topk)})
+            metric.topk_result = keep
+            metric.calculate_metric(struct)
+    return values
+
+
+def evaluation_units(struct, metrics, topk) -> dict | None:
+    """What an evaluation's metrics average over, in a JSON-ready dict ordered by user id (stable, so a user's rows
+    keep their order), or None when the evaluation kept neither:
+
+    * ``{"unit": "user", "users": [...], "values": {"ndcg@10": [...], ...}}`` for top-k metrics (full ranking),
+    * ``{"unit": "row", "users": [...], "scores": [...], "labels": [...]}`` for scored rows (CTR metrics).
+
+    ``users`` are internal user ids (``rec.users``, kept by :class:`recbole_llm.trainer.parallel.RowCollector`);
+    without them (RecBole's decision-tree trainers collect scores only) the rows keep their evaluation order and
+    ``users`` is None."""
+    if struct is None:
+        return None
+    users = struct.get("rec.users") if "rec.users" in struct else None
+    values = per_user_values(struct, metrics, topk) if "rec.topk" in struct else {}
+    if values:
+        n, unit = len(next(iter(values.values()))), {"unit": "user", "values": values}
+    elif "rec.score" in struct and "data.label" in struct:
+        scores, labels = (struct.get(key).reshape(-1).double().numpy() for key in ("rec.score", "data.label"))
+        n, unit = len(scores), {"unit": "row", "scores": scores, "labels": labels}
+    else:
+        return None
+    if users is not None and len(users) != n:  # e.g. sampled-candidate ranking: one score row per candidate
+        users = None
+    order = np.arange(n) if users is None else np.argsort(users.numpy(), kind="stable")
+    out = {"unit": unit["unit"], "users": None if users is None else users.numpy()[order].tolist()}
+    for key in ("scores", "labels"):
+        if key in unit:
+            out[key] = unit[key][order].tolist()
+    if "values" in unit:
+        out["values"] = {name: column[order].tolist() for name, column in unit["values"].items()}
+    return out

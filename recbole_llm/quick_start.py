@@ -31,6 +31,7 @@ from recbole_llm.data.assets import check_interaction_columns, ensure_dataset_fi
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 from recbole_llm.protocol import apply_history_exclusion, protocol_of
 from recbole_llm.errors import UsageError
+from recbole_llm.metrics import evaluation_units
 from recbole_llm.settings import SettingError, closest
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
 from recbole_llm.trainer.checkpoint import CheckpointError, load_weights, read_meta
@@ -170,18 +171,24 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         data, (train_data, valid_data, test_data), model_obj = build_model_and_data(config)
         logger.info(data)
         logger.info(model_obj)
-        trainer_cls = get_trainer(config["MODEL_TYPE"], config["model"])
-        if distributed.is_distributed():
-            trainer_cls = parallel_trainer(trainer_cls)
-        trainer = trainer_cls(config, model_obj)
+        # gathered evaluation in a run of several processes; in every run, each test user's share of the metrics
+        trainer = parallel_trainer(get_trainer(config["MODEL_TYPE"], config["model"]))(config, model_obj)
+        valid_scores = []
+
+        def after_validation(epoch, valid_score):
+            valid_scores.append([epoch, float(valid_score)])
+            if callback_fn is not None:
+                callback_fn(epoch, valid_score)
+
         start = time.perf_counter()
         best_valid_score, best_valid_result = trainer.fit(
-            train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=after_validation
         )
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
         eval_seconds = time.perf_counter() - start
+        test_units = evaluation_units(trainer.eval_collector.last, config["metrics"], config["topk"] or [])
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
@@ -202,11 +209,19 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "test_rows": distributed.total(len(test_data.dataset)),
         "processes": distributed.world_size(),
         "test_auc_se": auc_se,
-        "train_tokens_per_second": _tokens_per_second(trainer),
+        "train_tokens_per_second": _per_second(trainer, "train_tokens"),
+        "train_targets_per_second": _per_second(trainer, "train_targets"),
+        # the backbone's FLOPs per training token, FLOP/s reached, the matmul peak and MFU (LLM trainers)
+        "train_compute": trainer.compute_report() if hasattr(trainer, "compute_report") else None,
         # the summed training loss (or loss terms) of each epoch this run trained, as RecBole's trainer logs it
         # (RecBole's decision-tree trainers, XGBoost and LightGBM, keep no such record)
         "train_losses": [[epoch, to_jsonable(loss)]
                          for epoch, loss in sorted(getattr(trainer, "train_loss_dict", {}).items())],
+        # [loss function, epoch, batch, loss] of every training batch (LLM trainers); valid metric per validation
+        "train_batch_losses": [list(row) for row in getattr(trainer, "batch_losses", [])],
+        "valid_scores": valid_scores,
+        # what each test metric averages over: every user's value (or every scored row), for paired significance
+        "test_units": test_units,
         "model_report": to_jsonable(model_obj.run_report()) if hasattr(model_obj, "run_report") else None,
         "peak_rss_mib": round(memory.peak_rss_mib, 1),
         "peak_gpu_mib": None if memory.peak_gpu_mib is None else round(memory.peak_gpu_mib, 1),
@@ -230,10 +245,11 @@ def _test_auc_standard_error(config, test_data, test_result) -> float | None:
     return round(auc_standard_error(float(test_result["auc"]), positives, negatives), 5)
 
 
-def _tokens_per_second(trainer) -> float | None:
-    """Training throughput of an LLM trainer (tokens the model reported per second of training), else None."""
-    tokens, seconds = getattr(trainer, "train_tokens", 0), getattr(trainer, "train_seconds", 0.0)
-    return round(tokens / seconds, 1) if tokens and seconds else None
+def _per_second(trainer, counter: str) -> float | None:
+    """Training throughput of an LLM trainer (``train_tokens`` or ``train_targets`` the model reported, per second
+    of training), else None."""
+    count, seconds = getattr(trainer, counter, 0), getattr(trainer, "train_seconds", 0.0)
+    return round(count / seconds, 2) if count and seconds else None
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=False) -> dict:
@@ -317,11 +333,13 @@ def _format_value(value, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def comparison_table(records) -> str:
+def comparison_table(records, significance: dict | None = None) -> str:
     """Markdown table, one column per model: valid and test metrics, test rows scored (users for full ranking,
     labeled rows for CTR), train/eval seconds, peak memory.
 
-    The best test value of each metric is in bold (for metrics where smaller is better, the smallest).
+    The best test value of each metric is in bold (for metrics where smaller is better, the smallest). With the
+    comparison's ``significance`` (:func:`recbole_llm.significance.comparison_significance`), a row gives each
+    model's paired difference to the best other model and its interval, ``*`` where the interval excludes 0.
     """
     from recbole.evaluator.register import smaller_metrics
 
@@ -338,13 +356,79 @@ def comparison_table(records) -> str:
                 for v in values
             ]
             lines.append(f"| {split} {metric} | " + " | ".join(cells) + " |")
+    if significance and significance["differences"]:
+        lines.append(_difference_row(records, significance))
+    # how long each model trained, and under which preset (the cpu presets cut the baselines' epochs for a demo)
+    lines.append("| epochs trained (preset) | " + " | ".join(_epochs_cell(r) for r in records) + " |")
+    mfu = [(r.get("train_compute") or {}).get("mfu") for r in records]
     for label, key in (("test AUC s.e.", "test_auc_se"), ("test rows", "test_rows"), ("train s", "train_seconds"),
-                       ("eval s", "eval_seconds"),
+                       ("eval s", "eval_seconds"), ("train tokens/s", "train_tokens_per_second"),
+                       ("train targets/s", "train_targets_per_second"),
                        ("peak RSS MiB", "peak_rss_mib"), ("peak GPU MiB", "peak_gpu_mib")):
         if any(r.get(key) is not None for r in records):
-            digits = {"test_rows": 0, "test_auc_se": 4}.get(key, 1)
+            digits = {"test_rows": 0, "test_auc_se": 4, "train_targets_per_second": 2}.get(key, 1)
             lines.append(f"| {label} | " + " | ".join(_format_value(r.get(key), digits) for r in records) + " |")
+        if key == "train_targets_per_second" and any(v is not None for v in mfu):
+            lines.append("| train MFU | " + " | ".join(_format_value(v, 3) for v in mfu) + " |")
     return "\n".join(lines)
+
+
+def write_report(records, path, header: str, *, significance: bool = True, plots: bool = True, title: str = "",
+                 footer: str = "") -> tuple[str, list[Path]]:
+    """Write a comparison's report to ``path`` (markdown: ``header``, the table, how its intervals were made,
+    ``footer``) and beside it, unless switched off, the intervals (``<path>.json``) and the figures
+    (``<path stem>-metrics.png``, ``<path stem>-curves.png``); return the report and the files written."""
+    from recbole_llm.plots import plot_comparison, plot_curves
+    from recbole_llm.significance import comparison_significance
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    intervals = comparison_significance(records, seed=int(records[0]["config"].get("seed") or 0)) \
+        if significance else None
+    note = f"\n{significance_note(intervals)}\n" if intervals else ""
+    report = f"{header}\n\n{comparison_table(records, intervals)}\n{note}" + (f"\n{footer}\n" if footer else "")
+    path.write_text(report)
+    written = [path]
+    if intervals:
+        written.append(path.with_suffix(".json"))
+        written[-1].write_text(json.dumps({"header": header, "significance": intervals}, indent=1))
+    if plots:
+        stem = path.with_suffix("")
+        written.append(plot_comparison(records, intervals, f"{stem}-metrics.png", title=title))
+        written.append(plot_curves(records, f"{stem}-curves.png"))
+    return report, written
+
+
+def _epochs_cell(record) -> str:
+    """Epochs the run trained, and the preset that shaped it (a model without that preset's file kept its
+    defaults)."""
+    from recbole_llm.config import properties_dir
+
+    epochs = len(record.get("train_losses") or []) or len(record.get("valid_scores") or [])
+    config = record.get("config") or {}
+    preset = config.get("preset")
+    applied = preset and (properties_dir() / "presets" / f"{config.get('model')}-{preset}.yaml").is_file()
+    return f"{epochs or '–'}" + (f" ({preset} preset)" if applied else "")
+
+
+def _difference_row(records, significance: dict) -> str:
+    share = int(round(100 * significance["confidence"]))
+    by_model = {d["model"]: d for d in significance["differences"]}
+    cells = []
+    for record in records:
+        d = by_model.get(record["model"])
+        cells.append("–" if d is None else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] vs "
+                     f"{d['against']}{' *' if d['significant'] else ''}")
+    return f"| test {significance['metric']} − best other, {share}% CI | " + " | ".join(cells) + " |"
+
+
+def significance_note(significance: dict) -> str:
+    """The line under a table that says how its intervals were made and what ``*`` marks."""
+    share = int(round(100 * significance["confidence"]))
+    missing = (f"; no per-{significance['unit'] or 'user'} values for {', '.join(significance['missing'])}"
+               if significance["missing"] else "")
+    return (f"{share}% intervals: paired percentile bootstrap over the test {significance['unit'] or 'unit'}s, "
+            f"{significance['resamples']} resamples, seed {significance['seed']}; * the interval excludes 0{missing}")
 
 
 # ------------------------------------------------------------------------------------------------ tuning

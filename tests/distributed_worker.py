@@ -26,7 +26,7 @@ def runs(payload: list) -> list:
     records = []
     for model, settings in payload:
         record = run_recbole_llm(model, settings.pop("dataset", "ml-tiny"), config_dict=settings)
-        keys = ("test_result", "best_valid_result", "test_rows", "processes", "train_losses")
+        keys = ("test_result", "best_valid_result", "test_rows", "processes", "train_losses", "test_units")
         records.append({key: record[key] for key in keys})
     return records
 

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from recbole_llm.data.domains import DomainMixture, domain_probabilities
 from recbole_llm.llm.backbone import load_backbone
 from recbole_llm.llm.generation import left_pad, sample_continuations
-from recbole_llm.model.calrec import CALRecPrompt, CALRecTrainer, TextBatch, first_item_text, select_training_samples
+from recbole_llm.data.packing import Window
+from recbole_llm.model.calrec import (CALRecPrompt, CALRecTrainer, PackedBatch, TextBatch, first_item_text,
+                                      select_training_samples)
 from recbole_llm.losses import info_nce
 from recbole_llm.quick_start import build_model_and_data, load_model, make_config, run_recbole_llm
 from recbole_llm.retrieval.bm25 import tokenize
@@ -92,8 +94,36 @@ def test_text_batch_marks_history_and_target_spans():
     assert batch.joint_ids.tolist() == [[5, 6, 7, 1, 2, 0], [8, 3, 4, 9, 0, 99]]
     assert batch.history_mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
     assert batch.target_mask.tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0]]
+    assert batch.pool_mask.tolist() == [[0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0]]
     assert batch.target_ids.tolist() == [[1, 2, 0, 99], [3, 4, 9, 0]]
     assert batch.tokens == 6 + 5 + 3 + 4
+
+
+def test_packed_batch_labels_each_target_and_its_end_of_text_from_the_position_before():
+    # two targets in row 0 (tokens 3-4 and 7), one in row 1 (token 2); eos 0, pad 99
+    examples = [([5, 6, 6, 1, 2, 6, 6, 3], [(3, 5, 11), (7, 8, 12)]), ([5, 6, 4], [(2, 3, 11)])]
+    items = {11: [1, 2], 12: [3]}
+    batch = PackedBatch.build(examples, pad=99, eos=0, items=items)
+    assert batch.labels.tolist() == [[-100, -100, 1, 2, 0, -100, 3, 0], [-100, 4, 0, -100, -100, -100, -100, -100]]
+    assert batch.rows.tolist() == [0, 0, 1] and batch.starts.tolist() == [3, 7, 2] and batch.ends.tolist() == [5, 8, 3]
+    assert batch.item_ids.tolist() == [[1, 2, 0], [3, 0, 99]] and batch.item_index.tolist() == [0, 1, 0]
+    assert batch.tokens == 8 + 3 + 3 + 2 and batch.targets == 3
+
+
+def test_a_window_lays_out_items_as_the_history_prompt_does(tiny):
+    _, tokenizer = tiny
+    prompt = CALRecPrompt(tokenizer, max_history_items=10, max_prompt_tokens=10_000, max_item_tokens=100)
+    items = prompt.encode_items(["", "Title: A", "Title: B", "Title: C", "Title: D"])
+    tokens, spans = prompt.window([1, 2, 3, 4], items, Window(1, 4, 2))
+    assert tokenizer.decode(tokens) == (
+        "This is the summary of a user's purchase history. The first item bought is as follows. Title: B\n"
+        "The next item bought is as follows. Title: C\n"
+        "The next item bought is as follows. Title: D"
+    )
+    assert [item for _, _, item in spans] == [3, 4]
+    for start, end, item in spans:
+        assert tokens[start:end] == items[item]
+        assert tokens[:start] == prompt.history([2, 3, 4][: [3, 4].index(item) + 1], items)
 
 
 # -------------------------------------------------------------------------------------------------- losses
@@ -129,7 +159,7 @@ def test_calrec_losses_match_a_hand_computation(calrec_config):
         for position in range(len(prompt), joint.shape[1]):  # every target token and the eos, from the position before
             nig.append(-torch.log_softmax(out.logits[0, position - 1], -1)[joint[0, position]])
         v_u.append(hidden[: len(prompt)].mean(0))
-        v_tu.append(hidden[len(prompt):].mean(0))
+        v_tu.append(hidden[len(prompt): len(prompt) + len(target)].mean(0))  # the item's tokens, not the eos
         alone = torch.tensor([target + [model.prompt.eos]])
         v_t.append(model.llm(input_ids=alone, output_hidden_states=True).hidden_states[-1][0].mean(0))
 
@@ -150,6 +180,47 @@ def test_calrec_losses_match_a_hand_computation(calrec_config):
         [(1 - alpha - beta) * terms["nig"].item(), alpha * terms["tt"].item(), beta * terms["ut"].item()], rel=1e-5
     )
     assert weighted[2].item() < 0  # beta is negative: L_UT is pushed up
+
+
+def test_packed_windows_give_the_per_prefix_losses_when_histories_fit(calrec_config):
+    _, model, _ = build_calrec({**calrec_config, "contrastive_tau": 0.2})
+    model.double().eval()  # fp64, no dropout: both computations see the same network
+    users = [[3, 9, 4, 12, 7], [20, 5, 31]]  # item ids in time order; every history is within max_history_items
+    windows = [model.prompt.window(items, model.item_tokens, Window(0, len(items), 1)) for items in users]
+    packed = PackedBatch.build(windows, model.prompt.pad, model.prompt.eos, model.item_tokens)
+    prompts = [model.prompt.history(items[:k], model.item_tokens) for items in users for k in range(1, len(items))]
+    targets = [model.item_tokens[item] for items in users for item in items[1:]]
+    per_prefix = TextBatch.build(prompts, targets, model.prompt.eos, model.prompt.pad, "cpu")
+    assert packed.targets == per_prefix.targets == 6 and packed.item_ids.shape[0] == 6
+    packed_terms, per_prefix_terms = model.packed_losses(packed), model.losses(per_prefix)
+    for term in ("nig", "tt", "ut"):
+        assert packed_terms[term].item() == pytest.approx(per_prefix_terms[term].item(), rel=1e-6), term
+    # one pass per window: the packed tokens are the windows and the distinct targets, far fewer than the prefixes
+    assert packed.tokens < 0.7 * per_prefix.tokens
+
+
+def test_packed_windows_train_every_target_of_recboles_split_once(calrec_config):
+    from recbole_llm.registry import create_dataset
+
+    for targets_per_user, expected in ((0, None), (2, 2)):
+        settings = {**calrec_config, "calrec_window_items": 4, "calrec_window_context": 1,
+                    "train_targets_per_user": targets_per_user}
+        config = make_config("CALRec", "ml-tiny", config_dict=settings)
+        train = create_dataset(config).build()[0]  # every prefix: packing selects targets itself
+        _, model, _ = build_calrec(settings)
+        examples = model.packed_examples(train)
+        trained = sorted(item for _, spans in examples for _, _, item in spans)
+        users, items = train.inter_feat["user_id"].numpy(), train.inter_feat["item_id"].numpy()
+        if expected is None:
+            assert trained == sorted(items.tolist())  # RecBole's per-prefix targets, each once
+        else:  # the latest `expected` targets of each user (by time; RecBole's row order breaks ties)
+            times = train.inter_feat["timestamp"].numpy()
+            latest = [items[users == u][np.argsort(times[users == u], kind="stable")][-expected:]
+                      for u in np.unique(users)]
+            assert trained == sorted(np.concatenate(latest).tolist())
+        assert all(len(tokens) <= len(model.prompt.head) + 4 * (16 + len(model.prompt.next)) for tokens, _ in examples)
+    capped = build_calrec({**settings, "train_targets_per_user": 0, "train_max_samples": 50})[1].packed_examples(train)
+    assert 40 < sum(len(spans) for _, spans in capped) <= 50
 
 
 def test_no_contrastive_switch_trains_on_next_item_generation_alone(calrec_config):
@@ -321,12 +392,13 @@ def test_training_examples_are_the_last_targets_of_each_users_training_split(cal
 
     from recbole_llm.registry import create_dataset
 
-    config = make_config("CALRec", "ml-tiny", config_dict={**calrec_config, "train_targets_per_user": 2})
+    settings = {**calrec_config, "calrec_packing": False}  # per-prefix examples: RecBole's rows, selected
+    config = make_config("CALRec", "ml-tiny", config_dict={**settings, "train_targets_per_user": 2})
     dataset = create_dataset(config)
     train, valid, test = (loader.dataset for loader in data_preparation(config, dataset))
     users = train.inter_feat["user_id"].numpy()
     assert train.inter_num == 2 * len(np.unique(users))
-    every_prefix = make_config("CALRec", "ml-tiny", config_dict={**calrec_config, "train_targets_per_user": 0})
+    every_prefix = make_config("CALRec", "ml-tiny", config_dict={**settings, "train_targets_per_user": 0})
     everything = create_dataset(every_prefix).build()[0]
     for split in (valid, test):  # no evaluation target is a training target of its user
         held_out = set(zip(split.inter_feat["user_id"].tolist(), split.inter_feat["item_id"].tolist()))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -60,6 +61,15 @@ def assert_same_results(first: dict, other: dict, tolerance: float = 1e-6) -> No
         assert other[key] == pytest.approx(first[key], abs=tolerance), key
 
 
+def assert_same_units(first: dict, other: dict) -> None:
+    """The same users (rows) in the same order, with the same per-user values (scores and labels)."""
+    assert other["unit"] == first["unit"] and other["users"] == first["users"]
+    columns = first["values"] if first["unit"] == "user" else {key: first[key] for key in ("scores", "labels")}
+    for name, column in columns.items():
+        mine = other["values"][name] if first["unit"] == "user" else other[name]
+        np.testing.assert_allclose(mine, column, rtol=0, atol=1e-6, err_msg=name)
+
+
 @pytest.fixture
 def odd_data(tmp_path, data_path) -> Path:
     (tmp_path / "data").mkdir()
@@ -95,6 +105,7 @@ def test_sharded_evaluation_is_exact_on_1_2_and_3_processes(base_config, small_s
         for index in (0, 1, 2):
             assert_same_results(results[1][index]["test_result"], results[processes][index]["test_result"])
             assert_same_results(results[1][index]["best_valid_result"], results[processes][index]["best_valid_result"])
+            assert_same_units(results[1][index]["test_units"], results[processes][index]["test_units"])
     assert results[1][0]["test_result"]["recall@50"] > 0 and 0.5 < results[1][2]["test_result"]["auc"] < 1
 
     # ToyLLMRec's sharded test metrics equal one process of RecBole's pipeline evaluating the same weights

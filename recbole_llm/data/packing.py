@@ -25,16 +25,18 @@ class Window:
     first_target: int  # first item whose tokens carry loss (earlier ones are context only)
 
 
-def sequence_windows(length: int, window: int, context: int) -> list[Window]:
-    """Windows over items ``0 .. length-1`` in which every item from position 1 on is a target exactly once.
+def sequence_windows(length: int, window: int, context: int, first: int = 1) -> list[Window]:
+    """Windows over items ``0 .. length-1`` in which every item from position ``first`` (>= 1) on is a target
+    exactly once.
 
-    The first window starts at item 0 (item 0 has no history, so it is never a target); each later window starts
-    ``context`` items before its first target.
+    Each window starts ``context`` items before its first target, the first window at least one item before it
+    (item 0 has no history, so it is never a target; with ``first`` 1 the first window starts at item 0).
     """
     if not 0 <= context < window:
         raise ValueError(f"window context ({context}) must be >= 0 and below the window size ({window})")
     windows = []
-    first_target, start = 1, 0
+    first_target = max(first, 1)
+    start = min(max(first_target - context, 0), first_target - 1)
     while first_target < length:
         end = min(start + window, length)
         windows.append(Window(start, end, first_target))

@@ -42,9 +42,12 @@ def example(prompt: list[int], response: list[int]) -> tuple[list[int], list[int
 
 
 class ExampleBatches:
-    """One epoch of examples as batches (a list-like for the trainer), lengths bucketed to save padding."""
+    """One epoch of examples as batches (a list-like for the trainer), lengths bucketed to save padding.
 
-    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, pad: int, seed: int):
+    An example is a tuple whose first element is its token list; ``build(examples, pad)`` makes a batch of them
+    (:meth:`TokenBatch.build` for ``(tokens, targets)`` pairs)."""
+
+    def __init__(self, examples: list[tuple], batch_size: int, pad: int, seed: int, build=TokenBatch.build):
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(examples))
         bucket = batch_size * 32
@@ -53,7 +56,7 @@ class ExampleBatches:
             chunk = sorted(order[start: start + bucket], key=lambda i: len(examples[i][0]))
             batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
         self.batches = [batches[i] for i in rng.permutation(len(batches))]
-        self.examples, self.pad = examples, pad
+        self.examples, self.pad, self.build = examples, pad, build
         self.counts: dict[str, int] = {}
 
     def __len__(self):
@@ -61,7 +64,12 @@ class ExampleBatches:
 
     def __iter__(self):
         for rows in self.batches:
-            yield TokenBatch.build([self.examples[i] for i in rows], self.pad)
+            yield self.build([self.examples[i] for i in rows], self.pad)
+
+
+def predicted_positions(batch) -> int:
+    """How many positions of a batch (with ``targets``) go through the LM head in :func:`response_token_losses`."""
+    return int(batch.targets[:, 1:].sum())
 
 
 def response_token_losses(llm, batch: TokenBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

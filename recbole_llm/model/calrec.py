@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,10 @@ from recbole.utils import InputType, set_color
 
 from recbole_llm.data.domains import DomainMixture, first_token
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
-from recbole_llm.data.sequences import last_items
-from recbole_llm.errors import InputFileError
+from recbole_llm.data.packing import Window, sequence_windows
+from recbole_llm.data.sequences import last_items, user_sequences
+from recbole_llm.errors import InputFileError, UsageError
+from recbole_llm.llm.examples import ExampleBatches
 from recbole_llm.llm.backbone import backbone_from_config
 from recbole_llm.locks import exclusive
 from recbole_llm.llm.generation import left_pad, pad_sequences, row_seed, sample_continuations
@@ -53,6 +56,7 @@ STAGE_TWO_KEYS = (
     "calrec_stages", "num_samples", "temperature", "bm25_epsilon", "bm25_index_labels", "bm25_normalization",
     "generation_batch_size", "exclude_history", "metrics", "topk", "valid_metric", "valid_metric_bigger",
     "lr_scheduler", "lr_warmup", "epochs",  # Stage I trains at the constant rate for stage1_steps
+    "calrec_window_items", "calrec_window_context", "calrec_window_batch_size",  # Stage II's packing
 )
 
 # Above this many training examples per epoch on a CPU, warn that the run will take days (BENCHMARKS.md).
@@ -110,6 +114,21 @@ class CALRecPrompt:
             tokens += items[item]
         return tokens + self.next
 
+    def window(self, sequence: Sequence[int], items: Sequence[Sequence[int]], window: Window):
+        """``(tokens, spans)`` of a packed window over a user's item ids: the items ``window.start .. end-1`` laid
+        out as in :meth:`history`, and ``(start, end, item id)`` of each target item's tokens (the items from
+        ``window.first_target`` on). The tokens before a target are exactly the prompt :meth:`history` writes for
+        the window's earlier items, so under a causal mask each target is predicted as in its own example."""
+        tokens, spans = list(self.head), []
+        for position in range(window.start, window.end):
+            if position > window.start:
+                tokens += self.next
+            start, item = len(tokens), sequence[position]
+            tokens += items[item]
+            if position >= window.first_target:
+                spans.append((start, len(tokens), item))
+        return tokens, spans
+
 
 @dataclass
 class TextBatch:
@@ -118,22 +137,84 @@ class TextBatch:
     joint_ids: torch.Tensor  # [B, L] prompt + target + eos, right-padded
     joint_mask: torch.Tensor  # [B, L]
     history_mask: torch.Tensor  # [B, L] 1 on the prompt (history) positions
-    target_mask: torch.Tensor  # [B, L] 1 on the target positions (target tokens + eos)
+    target_mask: torch.Tensor  # [B, L] 1 on the target positions (target tokens + eos): the tokens with loss
+    pool_mask: torch.Tensor  # [B, L] 1 on the target item's tokens (not the eos): the span v_{T|U} pools
     target_ids: torch.Tensor  # [B, T] target + eos alone, right-padded
     target_only_mask: torch.Tensor  # [B, T]
 
     @classmethod
     def build(cls, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], eos: int, pad: int, device):
+        item_lengths = torch.tensor([len(t) for t in targets], device=device).unsqueeze(1)
         targets = [list(t) + [eos] for t in targets]
         joint_ids, joint_mask = pad_sequences([list(p) + t for p, t in zip(prompts, targets)], pad, device=device)
         target_ids, target_only_mask = pad_sequences(targets, pad, device=device)
         prompt_lengths = torch.tensor([len(p) for p in prompts], device=device).unsqueeze(1)
-        history_mask = (torch.arange(joint_ids.shape[1], device=device) < prompt_lengths).long()
-        return cls(joint_ids, joint_mask, history_mask, joint_mask - history_mask, target_ids, target_only_mask)
+        positions = torch.arange(joint_ids.shape[1], device=device)
+        history_mask = (positions < prompt_lengths).long()
+        pool_mask = ((positions >= prompt_lengths) & (positions < prompt_lengths + item_lengths)).long()
+        return cls(joint_ids, joint_mask, history_mask, joint_mask - history_mask, pool_mask, target_ids,
+                   target_only_mask)
 
     @property
     def tokens(self) -> int:
         return int(self.joint_mask.sum() + self.target_only_mask.sum())
+
+    @property
+    def targets(self) -> int:
+        return len(self.joint_ids)
+
+    @property
+    def predictions(self) -> int:  # positions through the LM head: each target token and the eos
+        return int(self.target_mask.sum())
+
+
+@dataclass
+class PackedBatch:
+    """Packed windows (:meth:`CALRecPrompt.window`): every target of a window trained in one causal pass.
+
+    ``labels[b, p]`` is the token position p of row b predicts, -100 where none: the target item's tokens from
+    the position before each, and the end-of-text token from its last token (as a per-prefix example predicts
+    ``target + eos``). The target-only tower runs once per distinct target item of the batch."""
+
+    ids: torch.Tensor  # [B, L] windows, right-padded
+    mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor  # [B, L]
+    rows: torch.Tensor  # [T] the window (row) of each target
+    starts: torch.Tensor  # [T] first token position of each target item
+    ends: torch.Tensor  # [T] one past its last token
+    item_ids: torch.Tensor  # [I, M] each distinct target item's tokens + eos, right-padded
+    item_mask: torch.Tensor  # [I, M]
+    item_index: torch.Tensor  # [T] row of item_ids of each target
+
+    @classmethod
+    def build(cls, examples, pad: int, eos: int, items: Sequence[Sequence[int]], device=None) -> "PackedBatch":
+        ids, mask = pad_sequences([tokens for tokens, _ in examples], pad, device=device)
+        labels = torch.full_like(ids, -100)
+        rows, starts, ends, targets = [], [], [], []
+        for row, (tokens, spans) in enumerate(examples):
+            for start, end, item in spans:
+                labels[row, start - 1: end] = torch.tensor(tokens[start:end] + [eos])
+                rows.append(row), starts.append(start), ends.append(end), targets.append(item)
+        distinct = {item: index for index, item in enumerate(dict.fromkeys(targets))}
+        item_ids, item_mask = pad_sequences([list(items[item]) + [eos] for item in distinct], pad, device=device)
+        as_tensor = partial(torch.tensor, dtype=torch.long, device=ids.device)
+        return cls(ids, mask, labels, as_tensor(rows), as_tensor(starts), as_tensor(ends), item_ids, item_mask,
+                   as_tensor([distinct[item] for item in targets]))
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(*(getattr(self, field).to(device) for field in self.__dataclass_fields__))
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum() + self.item_mask.sum())
+
+    @property
+    def targets(self) -> int:
+        return len(self.rows)
+
+    @property
+    def predictions(self) -> int:
+        return int((self.labels != -100).sum())
 
 
 # --------------------------------------------------------------------------------------------------- dataset
@@ -160,6 +241,8 @@ class CALRecDataset(SequentialDataset):
 
     def build(self):
         train, valid, test = super().build()
+        if self.config["calrec_packing"]:  # the model packs whole sequences and selects targets itself
+            return [train, valid, test]
         selected = select_training_samples(
             train, int(self.config["train_targets_per_user"] or 0), int(self.config["train_max_samples"] or 0),
             int(self.config["seed"] or 0),
@@ -189,8 +272,9 @@ class CALRecTrainer(LLMTrainer):
         examples = train_data.dataset.inter_num
         if self.device.type == "cpu" and examples > CPU_EXAMPLES_WARNING:
             self.logger.warning(
-                f"CALRec trains on {examples} examples per epoch on a CPU: at about 200 tokens/s this takes days. "
-                "Use a GPU (--gpu_id=0), --preset=cpu, or fewer examples (train_targets_per_user, train_max_samples)."
+                f"CALRec trains on {examples} next-item targets per epoch on a CPU: at about 200 tokens/s this takes "
+                "hours (packed) to days (per prefix). Use a GPU (--gpu_id=0), --preset=cpu, or fewer targets "
+                "(train_targets_per_user, train_max_samples)."
             )
         if 1 in stages:
             self._stage_one(train_data, show_progress)
@@ -280,7 +364,12 @@ class CALRec(SequentialRecommender):
     * L_NIG: next-item generation, token cross-entropy on the target item's tokens only.
     * L_TT = InfoNCE(v_{T|U}, v_T), L_UT = InfoNCE(v_U, v_T), cosine similarity / tau, in-batch negatives.
       v_T mean-pools the last hidden states of a pass over the target text alone; v_U and v_{T|U} mean-pool the
-      history and target spans of the joint pass. beta is negative in the paper (-0.025): L_UT is pushed *up*.
+      history and the target item's tokens in the joint pass. beta is negative in the paper (-0.025): L_UT is
+      pushed *up*.
+
+    Stage II trains every target of a user in one causal pass over a window of the user's items
+    (``calrec_packing``, :meth:`packed_losses`): the same three terms as the paper's one example per prefix
+    when a history fits the window, at about one item's tokens per target instead of the whole prefix's.
 
     Scoring (CALRec §3.4): ``num_samples`` texts sampled at ``temperature`` from one shared prefill, BM25 of each
     against the catalogue's item texts, merged by :func:`quasi_round_robin_merge`.
@@ -315,6 +404,16 @@ class CALRec(SequentialRecommender):
         self.index_labels = bool(config["bm25_index_labels"])
         self.self_normalise = config["bm25_normalization"] == "self"
         self.generation_batch_size = int(config["generation_batch_size"])
+        self.packing = bool(config["calrec_packing"])
+        self.window_items = int(config["calrec_window_items"])
+        self.window_context = int(config["calrec_window_context"])
+        if self.packing and self.window_context >= self.window_items:
+            raise UsageError(
+                f"calrec_window_context={self.window_context} must be below calrec_window_items={self.window_items} "
+                "(a window repeats that many earlier items as context); e.g. --calrec_window_context=10")
+        self.targets_per_user = int(config["train_targets_per_user"] or 0)
+        self.max_samples = int(config["train_max_samples"] or 0)
+        self.window_batch_size = int(config["calrec_window_batch_size"])
         # (every value was checked against recbole_llm.settings when the Config was built)
         self.llm, self.tokenizer = backbone_from_config(config)
         self.prompt = CALRecPrompt(
@@ -333,7 +432,8 @@ class CALRec(SequentialRecommender):
             r"\b(?:" + "|".join(map(re.escape, text_builder.labels)) + r")\s*:", re.IGNORECASE
         ) if text_builder.labels and not self.index_labels else None
         self.bm25 = BM25Index([tokenize(text) for text in documents[1:]])  # column j is item j + 1
-        self.last_batch_tokens = 0
+        self.last_batch_tokens = self.last_batch_targets = self.last_batch_predictions = 0
+        self._packed, self._packed_source = None, None
 
     # ---------------------------------------------------------------------------------------------- towers
     def forward(self, batch: TextBatch):
@@ -355,7 +455,7 @@ class CALRec(SequentialRecommender):
         if self.contrastive:
             v_t = masked_mean(target, batch.target_only_mask)
             v_u = masked_mean(joint, batch.history_mask)
-            v_tu = masked_mean(joint, batch.target_mask)
+            v_tu = masked_mean(joint, batch.pool_mask)
             terms["tt"] = info_nce(v_tu, v_t, self.tau, self.symmetric)
             terms["ut"] = info_nce(v_u, v_t, self.tau, self.symmetric)
         return terms
@@ -364,13 +464,76 @@ class CALRec(SequentialRecommender):
         """:meth:`weighted_loss` for prompt / target token lists."""
         return self.weighted_loss(TextBatch.build(prompts, targets, self.prompt.eos, self.prompt.pad, self.device))
 
-    def weighted_loss(self, batch: TextBatch):
-        """Weighted loss terms (a tuple, so RecBole logs each; L_NIG alone without the contrastive terms)."""
-        self.last_batch_tokens = batch.tokens
-        terms = self.losses(batch)
+    def weighted_loss(self, batch: "TextBatch | PackedBatch"):
+        """Weighted loss terms (a tuple, so RecBole logs each; L_NIG alone without the contrastive terms) of
+        per-prefix examples or packed windows."""
+        self.last_batch_tokens, self.last_batch_targets = batch.tokens, batch.targets
+        self.last_batch_predictions = batch.predictions
+        terms = self.packed_losses(batch) if isinstance(batch, PackedBatch) else self.losses(batch)
         if not self.contrastive:
             return terms["nig"]
         return (1 - self.alpha - self.beta) * terms["nig"], self.alpha * terms["tt"], self.beta * terms["ut"]
+
+    def packed_losses(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """:meth:`losses` of every target of packed windows from one pass per window: L_NIG on each target's
+        tokens and end-of-text, v_U and v_{T|U} of each target from running sums of the hidden states (the mean
+        of the positions before the target, and of its own tokens), v_T from one pass per distinct target item.
+        Equal to :meth:`losses` on the per-prefix examples of the same targets when every history fits its
+        window (tests/test_calrec.py)."""
+        decoder, lm_head = decoder_and_head(self.llm)
+        hidden = decoder(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+        predicts = batch.labels != -100
+        terms = {"nig": F.cross_entropy(lm_head(hidden[predicts]).float(), batch.labels[predicts])}
+        if self.contrastive:
+            alone = decoder(input_ids=batch.item_ids, attention_mask=batch.item_mask).last_hidden_state
+            v_t = masked_mean(alone, batch.item_mask)[batch.item_index]
+            sums = F.pad(hidden.float().cumsum(1), (0, 0, 1, 0))  # sums[:, j]: the sum over positions < j
+            before, through = sums[batch.rows, batch.starts], sums[batch.rows, batch.ends]
+            v_u = (before / batch.starts.unsqueeze(1)).to(hidden.dtype)
+            v_tu = ((through - before) / (batch.ends - batch.starts).clamp(min=1).unsqueeze(1)).to(hidden.dtype)
+            terms["tt"] = info_nce(v_tu, v_t, self.tau, self.symmetric)
+            terms["ut"] = info_nce(v_u, v_t, self.tau, self.symmetric)
+        return terms
+
+    # ------------------------------------------------------------------------------------------- packing
+    def packed_examples(self, train_dataset) -> list[tuple[list[int], list[tuple[int, int, int]]]]:
+        """Every user's training sequence (:func:`user_sequences`: grouped by user, in time order) cut into
+        windows of ``calrec_window_items`` items overlapping by ``calrec_window_context``
+        (:func:`recbole_llm.data.packing.sequence_windows`), each target once: every item after a user's first,
+        or the last ``train_targets_per_user``. ``train_max_samples`` keeps a seeded draw of whole windows
+        holding at most that many targets."""
+        examples = []
+        for sequence in user_sequences(train_dataset).values():
+            first = max(1, len(sequence) - self.targets_per_user) if self.targets_per_user else 1
+            for window in sequence_windows(len(sequence), self.window_items, self.window_context, first):
+                examples.append(self.prompt.window(sequence, self.item_tokens, window))
+        if self.max_samples and sum(len(spans) for _, spans in examples) > self.max_samples:
+            kept, count = [], 0
+            for index in np.random.default_rng(self.seed).permutation(len(examples)):
+                if count + len(examples[index][1]) <= self.max_samples:
+                    kept.append(index)
+                    count += len(examples[index][1])
+            examples = [examples[index] for index in sorted(kept)]
+        return examples
+
+    def epoch_batches(self, train_dataset, epoch: int) -> ExampleBatches | None:
+        """Stage II's batches of packed windows (``calrec_packing``), ``calrec_window_batch_size`` each, in a
+        seeded order per epoch; None (the per-prefix rows of RecBole's split) without packing."""
+        if not self.packing:
+            return None
+        if self._packed_source is not train_dataset:
+            self._packed, self._packed_source = self.packed_examples(train_dataset), train_dataset
+        if not self._packed:
+            raise UsageError("CALRec's packed windows hold no training target: every user's training sequence has "
+                             "a single item. Use more interactions per user or --calrec_packing=False.")
+        build = partial(PackedBatch.build, eos=self.prompt.eos, items=self.item_tokens)
+        batches = ExampleBatches(self._packed, self.window_batch_size, self.prompt.pad, seed=self.seed + epoch,
+                                 build=build)
+        batches.counts = {"windows": len(self._packed), "targets": sum(len(spans) for _, spans in self._packed)}
+        return batches
+
+    def batch_loss(self, batch: PackedBatch):
+        return self.weighted_loss(batch)
 
     def _histories(self, interaction) -> list[list[int]]:
         return _trimmed(interaction[self.ITEM_SEQ].tolist(), interaction[self.ITEM_SEQ_LEN].tolist())

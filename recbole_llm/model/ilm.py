@@ -38,7 +38,7 @@ from recbole_llm.data.item_text import ItemTextBuilder
 from recbole_llm.data.sequences import last_items, user_sequences
 from recbole_llm.llm.backbone import backbone_from_config
 from recbole_llm.llm.chat_format import chat_frame
-from recbole_llm.llm.examples import ExampleBatches, response_token_losses
+from recbole_llm.llm.examples import ExampleBatches, predicted_positions, response_token_losses
 from recbole_llm.llm.generation import beam_search, pad_sequences, row_seed
 from recbole_llm.llm.qformer import DECODER_TOKEN, load_item_qformer
 from recbole_llm.llm.token_trie import TokenTrie, TrieConstrainedLogitsProcessor
@@ -561,7 +561,7 @@ class ILM(BeamRanking, SequentialRecommender):
 
     def batch_loss(self, batch: SlotBatch) -> torch.Tensor:
         """Mean cross-entropy of the response tokens, the soft tokens written into the frozen LLM's inputs."""
-        self.last_batch_tokens = int(batch.mask.sum())
+        self.last_batch_tokens, self.last_batch_predictions = int(batch.mask.sum()), predicted_positions(batch)
         return response_token_losses(self.llm, batch, inputs_embeds=self.input_embeddings(batch)).mean()
 
     def calculate_loss(self, interaction):

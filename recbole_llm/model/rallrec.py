@@ -36,7 +36,7 @@ from recbole_llm.errors import InputFileError
 from recbole_llm.llm.backbone import autocast, backbone_from_config
 from recbole_llm.locks import build_once
 from recbole_llm.llm.descriptions import Decoding, chat_prompt, generation_key, write_texts
-from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
+from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, predicted_positions, response_token_losses
 from recbole_llm.llm.generation import left_pad
 from recbole_llm.llm.pooling import decoder_and_head, masked_mean, mean_pooled_embeddings
 from recbole_llm.losses import info_nce
@@ -453,7 +453,7 @@ class RALLRec(SequentialRecommender):
         return batches
 
     def batch_loss(self, batch: TokenBatch) -> torch.Tensor:
-        self.last_batch_tokens = int(batch.mask.sum())
+        self.last_batch_tokens, self.last_batch_predictions = int(batch.mask.sum()), predicted_positions(batch)
         return response_token_losses(self.llm, batch).mean()
 
     def calculate_loss(self, interaction):

@@ -36,7 +36,7 @@ from recbole_llm.llm.backbone import backbone_from_config
 from recbole_llm.locks import build_once
 from recbole_llm.llm.generation import beam_search, left_pad
 from recbole_llm.llm.new_tokens import add_trainable_tokens
-from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, response_token_losses
+from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, predicted_positions, response_token_losses
 from recbole_llm.llm.pooling import mean_pooled_embeddings
 from recbole_llm.llm.token_trie import TokenTrie, TrieConstrainedLogitsProcessor, reference_allowed_tokens_fn
 from recbole_llm.model.beam_ranking import BeamRanking
@@ -355,7 +355,7 @@ class SemConv(BeamRanking, SequentialRecommender):
 
     def batch_loss(self, batch: TokenBatch) -> torch.Tensor:
         """Mean token cross-entropy over the response tokens (``targets``) of a batch."""
-        self.last_batch_tokens = int(batch.mask.sum())
+        self.last_batch_tokens, self.last_batch_predictions = int(batch.mask.sum()), predicted_positions(batch)
         return self.token_losses(batch).mean()
 
     def token_losses(self, batch: TokenBatch) -> torch.Tensor:

@@ -5,7 +5,8 @@ RecBole's ``fit`` loop (validation, early stopping, logging) is kept as is; only
 * ``_build_optimizer``: optimises trainable parameters only (LoRA adapters, heads), not the frozen backbone.
 * ``_train_epoch``: a model's own examples per epoch when it has ``epoch_batches`` / ``batch_loss``
   (:mod:`recbole_llm.llm.examples`), gradient accumulation, bf16 autocast where the hardware has native bf16, clipping over trainable parameters,
-  a progress bar with the running loss, and token throughput (``model.last_batch_tokens`` if the model sets it).
+  a progress bar with the running loss, and throughput in tokens and targets (``model.last_batch_tokens`` and
+  ``model.last_batch_targets``, where the model sets them).
 * ``_save_checkpoint`` / ``evaluate``: checkpoints are safetensors directories holding only trainable weights
   (see :mod:`recbole_llm.trainer.checkpoint`); nothing is pickled.
 * resume: after every epoch the trainer writes ``<run dir>/last`` (weights, optimizer, progress); a rerun of the
@@ -54,6 +55,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from recbole_llm import distributed
+from recbole_llm.compute import matmul_peak, matmul_weights
 from recbole_llm.errors import UsageError
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
 from recbole_llm.llm.backbone import autocast_dtype
@@ -161,7 +163,12 @@ class LLMTrainer(Trainer):
         self.last_checkpoint = self.run_dir / "last"
         self.autocast_dtype = autocast_dtype(config["llm_dtype"] or "auto", self.device)
         self.train_tokens = 0
+        self.train_targets = 0  # next-item targets (or examples) trained on, where the model counts them
+        self.train_predictions = 0  # positions through the LM head, where the model counts them (compute_report)
         self.train_seconds = 0.0
+        # (loss function, epoch, batch index, loss) of each training batch: stages (CALRec's Stage I, ILM's phase
+        # one) train through other loss functions than fit's
+        self.batch_losses: list[tuple[str, int, int, float]] = []
         self._validating = False
         self.schedule = config["lr_scheduler"] or "constant"
         self.warmup = float(config["lr_warmup"] or 0)
@@ -183,16 +190,20 @@ class LLMTrainer(Trainer):
         return super()._build_optimizer(**kwargs)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        batches = None
         if loss_func is None and hasattr(self.model, "epoch_batches"):
-            # the model builds its own examples per epoch (recbole_llm.llm.examples) from RecBole's training split
+            # the model builds its own examples per epoch (recbole_llm.llm.examples) from RecBole's training split,
+            # or returns None to train on RecBole's rows
             batches = self.model.epoch_batches(train_data.dataset, epoch_idx)
+        if batches is not None:
             self.logger.info(set_color(f"{self.config['model']} examples", "blue")
                              + f": {getattr(batches, 'counts', None) or '-'}, {len(batches)} batches")
             train_data, loss_func = batches, self.model.batch_loss
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
         n_batches, world = len(train_data), distributed.world_size()
-        salt = zlib.crc32(getattr(loss_func, "__name__", "loss").encode())
+        loss_name = getattr(loss_func, "__name__", "loss")
+        salt = zlib.crc32(loss_name.encode())
         if isinstance(getattr(train_data, "generator", None), torch.Generator):
             # RecBole's loader shuffles with one generator seeded once and samples negatives from numpy's global
             # stream: its epoch k would depend on the epochs this process ran before (a resumed run would replay
@@ -206,7 +217,7 @@ class LLMTrainer(Trainer):
             steps, total=micro_batches(n_batches, self.accumulation_steps, world), ncols=100,
             desc=set_color(f"Train {epoch_idx:>5}", "pink"), disable=not show_progress,
         )
-        start, tokens = time.perf_counter(), 0
+        start, tokens, targets, predictions, batch_losses = time.perf_counter(), 0, 0, 0, []
         self.optimizer.zero_grad(set_to_none=True)
         for step in progress:
             interaction = step.batch.to(self.device)
@@ -227,13 +238,37 @@ class LLMTrainer(Trainer):
                 continue  # a process's stand-in pass (its window had fewer batches than processes)
             total_loss = add_losses(total_loss, tuple(l.item() for l in losses) if isinstance(losses, tuple)
                                     else loss.item())
+            batch_losses.append((loss_name, epoch_idx, step.index, loss.item()))
             tokens += int(getattr(self.model, "last_batch_tokens", 0))
+            targets += int(getattr(self.model, "last_batch_targets", 0))
+            predictions += int(getattr(self.model, "last_batch_predictions", 0))
             progress.set_postfix(loss=f"{loss.item():.4f}")
         self.train_seconds += time.perf_counter() - start
         self.train_tokens += distributed.total(tokens)  # every process's tokens: the run's throughput
-        if world > 1:  # the loss over all the epoch's batches, as one process reports it
+        self.train_targets += distributed.total(targets)
+        self.train_predictions += distributed.total(predictions)
+        if world > 1:  # the loss over all the epoch's batches, and each batch's, as one process reports them
             total_loss = reduce(add_losses, distributed.all_gather(total_loss))
+            batch_losses = sorted(row for rows in distributed.all_gather(batch_losses) for row in rows)
+        self.batch_losses.extend(batch_losses)
         return total_loss
+
+    def compute_report(self) -> dict | None:
+        """What training computed, for the run's record: the backbone's FLOPs per training token (its weights
+        counted by role, :mod:`recbole_llm.compute`; the LM head over the positions the model reported; attention
+        products not counted), the FLOP/s reached, the machine's matrix-multiply peak in the run's dtype (measured
+        in this process, times the number of processes) and their ratio, the model-FLOPs utilisation."""
+        names = getattr(self.model, "backbone_modules", ())
+        if not (self.train_tokens and self.train_seconds and names):
+            return None
+        weights = matmul_weights(getattr(self.model, names[0]))
+        flops = weights.training_flops(self.train_tokens, self.train_predictions)
+        dtype = self.autocast_dtype or torch.float32
+        peak = matmul_peak(dtype, self.device.type) * distributed.world_size()
+        achieved = flops / self.train_seconds
+        return {"flops_per_token": round(flops / self.train_tokens), "tflops": round(achieved / 1e12, 4),
+                "peak_tflops": round(peak / 1e12, 4), "peak_dtype": str(dtype).removeprefix("torch."),
+                "mfu": round(achieved / peak, 4)}
 
     def _loss(self, loss_func, batch):
         """``loss_func(batch)``; in a distributed run through the data-parallel wrapper, so its gradient

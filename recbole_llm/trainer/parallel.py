@@ -1,11 +1,13 @@
-"""Any trainer (RecBole's or :class:`recbole_llm.trainer.LLMTrainer`) in a run of several processes.
+"""Every run's trainer (RecBole's or :class:`recbole_llm.trainer.LLMTrainer`), in one process or several.
 
 Evaluation is exact. Each process ranks (or scores) only its shard of the users (:mod:`recbole_llm.data.eval_sample`
-cuts the valid and test parts to them, contiguous blocks without padding); :class:`GatheredCollector` gathers the
+cuts the valid and test parts to them, contiguous blocks without padding); :class:`RowCollector` gathers the
 per-user rows RecBole's evaluator reads (the top-K hits and positive counts, mean ranks, scores and labels) from
 every process, so RecBole's evaluator computes every metric once over exactly the users of a single-process run
 (not RecBole's ``_map_reduce``, which averages per-process means and counts padded users twice). Every process
-gets the same result, so early stopping decides alike everywhere.
+gets the same result, so early stopping decides alike everywhere. The collector also keeps each row's user id and
+the last evaluation's rows (:attr:`RowCollector.last`), from which the run's record keeps every user's share of
+the test metrics (:func:`recbole_llm.metrics.evaluation_units`). One process is the case of a single shard.
 
 Checkpoints are written by rank 0 only, under one name every process knows, and read after a barrier.
 
@@ -26,17 +28,36 @@ from recbole_llm import distributed
 from recbole_llm.compat import trust_checkpoint
 
 # the DataStruct entries that hold one row per evaluated user (or scored row); the others describe the dataset
-ROW_KEYS = ("rec.items", "rec.topk", "rec.meanrank", "rec.score", "data.label")
+ROW_KEYS = ("rec.items", "rec.topk", "rec.meanrank", "rec.score", "data.label", "rec.users")
 
 
-class GatheredCollector(Collector):
-    """RecBole's Collector whose evaluation data holds the rows of every process, in rank order."""
+class RowCollector(Collector):
+    """RecBole's Collector that also keeps each evaluated row's user id (``rec.users``), holds the rows of every
+    process in rank order, and keeps the data of its last evaluation in :attr:`last`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.last = None
+
+    def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
+        super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        uid = self.config["USER_ID_FIELD"]
+        if uid in interaction:
+            self.data_struct.update_tensor("rec.users", interaction[uid].reshape(-1).cpu())
 
     def get_data_struct(self):
-        struct = super().get_data_struct()
-        shards = distributed.all_gather({key: struct[key] for key in ROW_KEYS if key in struct})
-        for key in dict.fromkeys(key for shard in shards for key in shard):
-            struct.set(key, torch.cat([shard[key] for shard in shards if key in shard]))
+        if "rec.users" in self.data_struct:  # a row field: cleared with the others (RecBole's list lacks it)
+            users = self.data_struct["rec.users"]
+            del self.data_struct["rec.users"]
+            struct = super().get_data_struct()
+            struct.set("rec.users", users)
+        else:
+            struct = super().get_data_struct()
+        if distributed.is_distributed():
+            shards = distributed.all_gather({key: struct[key] for key in ROW_KEYS if key in struct})
+            for key in dict.fromkeys(key for shard in shards for key in shard):
+                struct.set(key, torch.cat([shard[key] for shard in shards if key in shard]))
+        self.last = struct
         return struct
 
 
@@ -45,8 +66,9 @@ class ParallelTrainer:
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.eval_collector = GatheredCollector(config)
-        self.saved_model_file = distributed.broadcast(self.saved_model_file)  # RecBole's name holds a time stamp
+        self.eval_collector = RowCollector(config)
+        if distributed.is_distributed():
+            self.saved_model_file = distributed.broadcast(self.saved_model_file)  # RecBole's name holds a time stamp
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if distributed.is_main() or getattr(self, "collective_checkpoints", False):  # sharded weights: all gather
@@ -64,7 +86,7 @@ class ParallelTrainer:
 
 @cache
 def parallel_trainer(trainer_cls: type) -> type:
-    """``trainer_cls`` for a run of several processes (see the module docstring)."""
+    """``trainer_cls`` for a run in one process or several (see the module docstring)."""
     if issubclass(trainer_cls, ParallelTrainer):
         return trainer_cls
     return type(trainer_cls.__name__, (ParallelTrainer, trainer_cls), {"__module__": trainer_cls.__module__})

@@ -1,0 +1,77 @@
+"""RecBole's baselines trained the way their authors train them: until the validation metric stops improving.
+
+    python benchmarks/baselines.py                      # Pop, GRU4Rec, SASRec, BERT4Rec on ml-100k (sequential)
+    python benchmarks/baselines.py --family=ctr         # LR, FM, DeepFM, WideDeep, DIN on RALLRec's labeled rows
+    python benchmarks/baselines.py --models=SASRec --epochs=300 --stopping_step=10
+
+Each model trains with RecBole's own early stopping: up to ``--epochs`` (RecBole's default 300), validated every
+epoch, stopped after ``--stopping_step`` validations without improvement (RecBole's default 10), and tested with
+its best validation checkpoint; the model's own RecBole defaults otherwise (no ``cpu`` preset: those two-epoch
+budgets are for ``make demo`` only). The protocol is the LLM methods' (sequential: leave-one-out by time, full
+ranking of every user, Recall/NDCG/MRR/Hit at 1, 5, 10, validated on NDCG@10; CTR: RALLRec's labeled rows), so
+these records pair user by user with the LLM benchmarks' (``recbole_llm.significance``). The report holds the
+table with paired intervals, the epochs each model trained and its best epoch, the learning curves and the bars
+(PNG beside the report), the command, commit and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import recbole_llm  # noqa: F401  (compat shims first)
+from recbole_llm.quick_start import comparison_protocol
+
+sys.path.insert(0, str(Path(__file__).parent))
+from calrec_ml100k import machine  # noqa: E402
+from common import run_and_report  # noqa: E402
+
+FAMILIES = {
+    # family: (baselines, the LLM method whose protocol they share, protocol settings)
+    "sequential": (["Pop", "GRU4Rec", "SASRec", "BERT4Rec"], "SemConv",
+                   {"metrics": ["Recall", "NDCG", "MRR", "Hit"], "topk": [1, 5, 10], "valid_metric": "NDCG@10"}),
+    "ctr": (["LR", "FM", "DeepFM", "WideDeep", "DIN"], "RALLRec", {}),
+}
+
+
+def details(records) -> str:
+    lines = ["| model | epochs trained | best epoch | best valid | stopped early |", "|---|---|---|---|---|"]
+    for r in records:
+        scores = r.get("valid_scores") or []
+        trained = len(r.get("train_losses") or []) or len(scores)
+        best = max(scores, key=lambda s: s[1] if r["valid_score_bigger"] else -s[1]) if scores else None
+        stopped = trained < int(r["config"].get("epochs") or 0)
+        lines.append(f"| {r['model']} | {trained} | {best[0] + 1 if best else '–'} | "
+                     f"{r['best_valid_score']:.4f} | {'yes' if stopped else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sequential")
+    parser.add_argument("--models", default=None, help="baselines to run (default: the family's)")
+    parser.add_argument("--epochs", type=int, default=300, help="at most this many epochs (RecBole's default)")
+    parser.add_argument("--stopping_step", type=int, default=10, help="validations without improvement before "
+                                                                      "stopping (RecBole's default)")
+    parser.add_argument("--out", default=None, help="default saved/benchmarks/baselines-<family>-<dataset>.md")
+    parser.add_argument("--results", default=None, help="default: the report's path with .jsonl")
+    args = parser.parse_args(argv)
+
+    baselines, method, protocol_settings = FAMILIES[args.family]
+    models = [m for m in (args.models or ",".join(baselines)).split(",") if m]
+    out = args.out or f"saved/benchmarks/baselines-{args.family}-{args.dataset}.md"
+    settings = {"show_progress": False, "epochs": args.epochs, "stopping_step": args.stopping_step, "eval_step": 1,
+                **protocol_settings}
+    protocol = comparison_protocol([method, *models], args.dataset, config_dict=settings)
+    runs = [(model, model, settings) for model in models]
+    title = (f"Converged {args.family} baselines on {args.dataset} (early stopping: at most {args.epochs} epochs, "
+             f"stopping_step {args.stopping_step})")
+    run_and_report(runs, args.dataset, protocol, script="benchmarks/baselines.py", argv=argv,
+                   results=args.results or str(Path(out).with_suffix(".jsonl")), out=out, title=title,
+                   details=details, machine=machine())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Compute accounting: the backbone's weights by role against a hand count, training FLOPs against torch's own
+FLOP counter (a different computation: it counts the matrix multiplies autograd actually runs), the matmul probe."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from recbole_llm.compute import matmul_peak, matmul_weights
+from recbole_llm.llm.backbone import load_backbone
+
+# tiny-random (recbole_llm.llm.backbone): Llama, hidden 32, 2 layers, 4 heads of 8, 2 key/value heads, MLP 64,
+# vocabulary 510, LM head tied to the input embeddings
+Q, K, V, O = 32 * 32, 32 * 16, 32 * 16, 32 * 32
+MLP = 3 * 32 * 64
+BODY = 2 * (Q + K + V + O + MLP)
+HEAD = 32 * 510
+TOKENS = 12
+
+
+def counted_flops(model, backward: bool) -> int:
+    ids = torch.randint(1, 500, (1, TOKENS))
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids).logits  # the LM head at every position
+        if backward:
+            logits.sum().backward()
+    return counter.get_total_flops()
+
+
+def test_a_fully_fine_tuned_backbone_costs_six_flops_per_weight_and_token():
+    torch.manual_seed(0)
+    model, _ = load_backbone("tiny-random")
+    weights = matmul_weights(model)
+    assert (weights.trained, weights.frozen, weights.head, weights.head_trained) == (BODY, 0, HEAD, True)
+    assert weights.attention == 2 * 4 * 8
+    # CPU scaled-dot-product attention has no FLOP formula in torch's counter: compare without attention
+    assert counted_flops(model, backward=False) == weights.forward_flops(TOKENS, predicted=TOKENS) \
+        == 2 * (BODY + HEAD) * TOKENS
+    assert counted_flops(model, backward=True) == weights.training_flops(TOKENS, predicted=TOKENS) \
+        == 6 * (BODY + HEAD) * TOKENS
+
+
+def test_lora_counts_adapters_as_trained_and_the_base_as_frozen():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base, _ = load_backbone("tiny-random")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    lora = 2 * ((32 * 4 + 4 * 32) + (32 * 4 + 4 * 16))  # A and B of q and v, two layers
+    weights = matmul_weights(model)
+    assert (weights.trained, weights.frozen, weights.head, weights.head_trained) == (lora, BODY, HEAD, False)
+    expected = (6 * lora + 4 * BODY + 4 * HEAD) * TOKENS
+    assert weights.training_flops(TOKENS, predicted=TOKENS) == expected
+    # autograd skips one product the count includes: the input gradient of the first layer's q, k and v
+    # projections and of its LoRA A matrices, whose input (the frozen embeddings, normalised) needs none
+    assert counted_flops(model, backward=True) == expected - 2 * (Q + K + V + 2 * 32 * 4) * TOKENS
+
+
+def test_the_lm_head_is_counted_per_predicted_position():
+    weights = matmul_weights(load_backbone("tiny-random")[0])
+    assert weights.training_flops(100, predicted=7) - weights.training_flops(100) == 6 * HEAD * 7
+    assert weights.training_flops(10, attended=5) - weights.training_flops(10) == 12 * 64 * 5 * 10
+
+
+def test_the_matmul_probe_measures_a_plausible_rate():
+    rate = matmul_peak(torch.float32, "cpu", size=256, seconds=0.2)
+    assert 1e8 < rate < 1e14  # between a slow phone and a large server, in FLOP/s
+    assert matmul_peak(torch.float32, "cpu", size=256, seconds=0.2) == rate  # measured once per process
+
+
+@pytest.fixture
+def calrec_run(base_config):
+    return {**base_config, "llm_path": "tiny-random", "calrec_stages": [2], "train_targets_per_user": 2,
+            "num_samples": 1, "max_item_tokens": 8, "max_history_items": 3, "calrec_window_items": 4,
+            "calrec_window_context": 1, "eval_step": 0, "eval_max_users": 5}
+
+
+def test_an_llm_run_records_its_throughput_flops_and_mfu(calrec_run):
+    from recbole_llm.quick_start import run_recbole_llm
+
+    record = run_recbole_llm("CALRec", "ml-tiny", config_dict=calrec_run)
+    compute = record["train_compute"]
+    # CALRec fully fine-tunes: 6 FLOPs per body weight and token, and the (tied, trained) head on the predicted
+    # positions, fewer than the tokens (history and the target-only tower are not predicted)
+    assert 6 * BODY < compute["flops_per_token"] < 6 * (BODY + HEAD)
+    assert 0 < compute["mfu"] < 1 and compute["peak_dtype"] == "float32"
+    assert record["train_targets_per_second"] > 0 and record["train_tokens_per_second"] > 0
+    assert record["train_batch_losses"] and {row[0] for row in record["train_batch_losses"]} == {"batch_loss"}
