@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -180,9 +181,11 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
             if callback_fn is not None:
                 callback_fn(epoch, valid_score)
 
+        # RecBole's decision-tree trainers (XGBoost, LightGBM) take no callback: their validations go unrecorded
+        hook = {"callback_fn": after_validation} if "callback_fn" in inspect.signature(trainer.fit).parameters else {}
         start = time.perf_counter()
         best_valid_score, best_valid_result = trainer.fit(
-            train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=after_validation
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"], **hook
         )
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()

@@ -269,7 +269,7 @@ class CALRecTrainer(LLMTrainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         stages = calrec_stages(self.config)
-        examples = train_data.dataset.inter_num
+        examples = self.model.training_targets(train_data.dataset)
         if self.device.type == "cpu" and examples > CPU_EXAMPLES_WARNING:
             self.logger.warning(
                 f"CALRec trains on {examples} next-item targets per epoch on a CPU: at about 200 tokens/s this takes "
@@ -521,8 +521,7 @@ class CALRec(SequentialRecommender):
         seeded order per epoch; None (the per-prefix rows of RecBole's split) without packing."""
         if not self.packing:
             return None
-        if self._packed_source is not train_dataset:
-            self._packed, self._packed_source = self.packed_examples(train_dataset), train_dataset
+        self._pack(train_dataset)
         if not self._packed:
             raise UsageError("CALRec's packed windows hold no training target: every user's training sequence has "
                              "a single item. Use more interactions per user or --calrec_packing=False.")
@@ -531,6 +530,17 @@ class CALRec(SequentialRecommender):
                                  build=build)
         batches.counts = {"windows": len(self._packed), "targets": sum(len(spans) for _, spans in self._packed)}
         return batches
+
+    def _pack(self, train_dataset) -> None:
+        if self._packed_source is not train_dataset:
+            self._packed, self._packed_source = self.packed_examples(train_dataset), train_dataset
+
+    def training_targets(self, train_dataset) -> int:
+        """How many next-item targets an epoch of Stage II trains."""
+        if not self.packing:
+            return train_dataset.inter_num
+        self._pack(train_dataset)
+        return sum(len(spans) for _, spans in self._packed)
 
     def batch_loss(self, batch: PackedBatch):
         return self.weighted_loss(batch)

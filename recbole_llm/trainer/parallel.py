@@ -70,9 +70,10 @@ class ParallelTrainer:
         if distributed.is_distributed():
             self.saved_model_file = distributed.broadcast(self.saved_model_file)  # RecBole's name holds a time stamp
 
-    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+    def _save_checkpoint(self, epoch, *args, **kwargs):
+        # the arguments pass through as given: RecBole's decision-tree trainers take the epoch alone
         if distributed.is_main() or getattr(self, "collective_checkpoints", False):  # sharded weights: all gather
-            super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
+            super()._save_checkpoint(epoch, *args, **kwargs)
         if not distributed.is_main():  # the group's file, written by rank 0: this process may load it
             trust_checkpoint(kwargs.get("saved_model_file", self.saved_model_file))
 
