@@ -105,7 +105,8 @@ def plot_curves(records: list[dict], path) -> Path:
             handles, labels, drawn = handles + more[0], labels + more[1], True
         if not drawn:
             axes.text(0.5, 0.5, "no training curve", ha="center", va="center", transform=axes.transAxes)
-        else:  # one legend for both axes, where it covers the fewest points
-            axes.legend(handles, labels, fontsize=7, loc="best", framealpha=0.7)
+        else:  # one legend for both axes, under the panel where it covers no line
+            axes.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2,
+                        frameon=False)
     figure.savefig(path)
     return Path(path)
