@@ -45,7 +45,7 @@ from recbole_llm.llm.token_trie import TokenTrie, TrieConstrainedLogitsProcessor
 from recbole_llm.locks import exclusive
 from recbole_llm.model.beam_ranking import BeamRanking
 from recbole_llm.registry import register_model
-from recbole_llm.settings import ILM_PHASE_ONE_LOSSES, ILM_TASKS, SettingError
+from recbole_llm.settings import ILM_TASKS, SettingError
 from recbole_llm.trainer.checkpoint import META, load_optimizer, load_weights, read_meta
 from recbole_llm.fingerprint import run_fingerprint
 from recbole_llm.trainer.llm_trainer import LLMTrainer
