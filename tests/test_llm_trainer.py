@@ -76,6 +76,10 @@ def test_rerun_resumes_instead_of_retraining(toy_config):
     second = run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**toy_config, "epochs": 2})
     meta = json.loads((_run_dir(toy_config) / "last" / "recbole_llm.json").read_text())
     assert meta["epoch"] == 1  # trained one more epoch, not two
+    # the record covers the whole run: the first run's epoch and validation come back with the resume point
+    assert [epoch for epoch, _ in second["train_losses"]] == [0, 1]
+    assert [epoch for epoch, _ in second["valid_scores"]] == [0, 1]
+    assert {row[1] for row in second["train_batch_losses"]} == {0, 1}
 
     third = run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**toy_config, "epochs": 2})
     assert third["test_result"] == second["test_result"]

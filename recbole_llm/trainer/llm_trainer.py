@@ -170,6 +170,7 @@ class LLMTrainer(Trainer):
         # one) train through other loss functions than fit's
         self.batch_losses: list[tuple[str, int, int, float]] = []
         self._validating = False
+        self.valid_scores: list[list] = []  # [epoch, valid score] of every validation, resumed ones included
         self.schedule = config["lr_scheduler"] or "constant"
         self.warmup = float(config["lr_warmup"] or 0)
         self.optimizer_steps = 0  # of fit's schedule (a resumed run restores it)
@@ -336,7 +337,10 @@ class LLMTrainer(Trainer):
 
     def _save_last(self, epoch: int) -> None:
         finished = self.cur_step > self.stopping_step  # RecBole's early-stopping condition
-        self._write_checkpoint(self.last_checkpoint, self._meta(epoch, finished=finished), self.optimizer)
+        history = {"train_loss_dict": {str(k): to_jsonable(v) for k, v in self.train_loss_dict.items()},
+                   "valid_scores": self.valid_scores, "batch_losses": [list(row) for row in self.batch_losses]}
+        self._write_checkpoint(self.last_checkpoint, self._meta(epoch, finished=finished, history=history),
+                               self.optimizer)
 
     def _write_checkpoint(self, path, meta: dict, optimizer=None) -> None:
         """Save the trainable weights (and ``optimizer``) to ``path``; in a distributed run rank 0 alone writes
@@ -362,6 +366,11 @@ class LLMTrainer(Trainer):
         self.optimizer_steps = int(meta.get("optimizer_steps", 0))
         self.best_valid_score = meta["best_valid_score"]
         self.best_valid_result = meta["best_valid_result"] or None
+        history = meta.get("history") or {}  # the record of a resumed run covers the epochs before it too
+        self.train_loss_dict = {int(k): tuple(v) if isinstance(v, list) else v
+                                for k, v in history.get("train_loss_dict", {}).items()}
+        self.valid_scores = [list(row) for row in history.get("valid_scores", [])]
+        self.batch_losses = [tuple(row) for row in history.get("batch_losses", [])]
         self.logger.info(
             set_color("Resuming", "blue") + f" from {self.last_checkpoint} (epoch {meta['epoch']} done, "
             f"best valid score {self.best_valid_score:.4f})"
@@ -372,6 +381,7 @@ class LLMTrainer(Trainer):
         self._scheduled = True
 
         def after_validation(epoch_idx, valid_score):
+            self.valid_scores.append([epoch_idx, float(valid_score)])
             if saved:
                 self._save_last(epoch_idx)
             if callback_fn is not None:

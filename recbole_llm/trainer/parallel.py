@@ -23,9 +23,11 @@ from functools import cache
 
 import torch
 from recbole.evaluator import Collector
+from recbole.trainer import Trainer
 
 from recbole_llm import distributed
 from recbole_llm.compat import trust_checkpoint
+from recbole_llm.trainer.resume import ResumableTrainer
 
 # the DataStruct entries that hold one row per evaluated user (or scored row); the others describe the dataset
 ROW_KEYS = ("rec.items", "rec.topk", "rec.meanrank", "rec.score", "data.label", "rec.users")
@@ -87,7 +89,11 @@ class ParallelTrainer:
 
 @cache
 def parallel_trainer(trainer_cls: type) -> type:
-    """``trainer_cls`` for a run in one process or several (see the module docstring)."""
+    """``trainer_cls`` for a run in one process or several (see the module docstring); RecBole's trainers whose
+    ``fit`` is RecBole's own also resume an interrupted run (:mod:`recbole_llm.trainer.resume`; LLMTrainer has
+    its own checkpoints and resumes by itself)."""
     if issubclass(trainer_cls, ParallelTrainer):
         return trainer_cls
-    return type(trainer_cls.__name__, (ParallelTrainer, trainer_cls), {"__module__": trainer_cls.__module__})
+    resumable = trainer_cls.fit is Trainer.fit
+    bases = (ParallelTrainer, ResumableTrainer, trainer_cls) if resumable else (ParallelTrainer, trainer_cls)
+    return type(trainer_cls.__name__, bases, {"__module__": trainer_cls.__module__})
