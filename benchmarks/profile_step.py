@@ -1,0 +1,132 @@
+"""Where one training step of each LLM method spends its time and memory (torch.profiler), at a preset's settings.
+
+    python benchmarks/profile_step.py                              # CALRec, SemConv, RALLRec, ILM; --preset=cpu
+    python benchmarks/profile_step.py --models=SemConv --steps=3 --set semconv_code_softmax=full
+
+For each method: the model and data are built as a run builds them (the preset's settings, cached artifacts
+reused), the first training batches of epoch 0 are taken exactly as the trainer takes them (the model's own
+examples where it has them, else RecBole's rows), one warm-up step runs, then ``--steps`` steps (forward, backward,
+clipping, the optimizer) run under torch.profiler. Printed per method: seconds per step, tokens and predicted
+positions per step, the operators with the most self CPU time, the peak resident memory of the process after
+building and after the steps, and the largest memory an operator allocated. Run it alone: profiles of a loaded
+machine are not the machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import psutil
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import recbole_llm  # noqa: F401  (compat shims first)
+from recbole_llm.quick_start import PeakMemory, build_model_and_data, git_commit, make_config
+from recbole_llm.registry import get_trainer
+
+from calrec_ml100k import machine  # noqa: E402  (same folder)
+
+METHODS = ("CALRec", "SemConv", "RALLRec", "ILM")
+
+
+def parse_value(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def first_batches(trainer, model, train_data, n: int):
+    """The first ``n`` batches of epoch 0 and the loss function the trainer would use for them."""
+    batches = model.epoch_batches(train_data.dataset, 0) if hasattr(model, "epoch_batches") else None
+    if batches is None:
+        return [b for b, _ in zip(train_data, range(n))], model.calculate_loss
+    taken = []
+    for batch in batches:
+        taken.append(batch)
+        if len(taken) == n:
+            break
+    return taken, model.batch_loss
+
+
+def step(trainer, loss_func, window) -> tuple[int, int]:
+    """One optimizer step over ``window``'s batches (``gradient_accumulation_steps`` of them), as the trainer takes
+    it (its mixed precision, the mean of the batches' losses); the tokens and LM-head positions the model counted."""
+    tokens = predictions = 0
+    for batch in window:
+        with trainer.autocast():
+            losses = loss_func(batch.to(trainer.device) if hasattr(batch, "to") else batch)
+            loss = sum(losses) if isinstance(losses, tuple) else losses
+        (loss / len(window)).backward()
+        tokens += int(getattr(trainer.model, "last_batch_tokens", 0))
+        predictions += int(getattr(trainer.model, "last_batch_predictions", 0))
+    if trainer.clip_grad_norm:
+        torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters, **trainer.clip_grad_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return tokens, predictions
+
+
+def profile_method(name: str, dataset: str, preset: str, steps: int, settings: dict, rows: int) -> str:
+    config = make_config(name, dataset, config_dict={"preset": preset, "show_progress": False, "state": "ERROR",
+                                                     **settings})
+    with PeakMemory() as built:
+        _, (train_data, _, _), model = build_model_and_data(config)
+        trainer = get_trainer(config["MODEL_TYPE"], name)(config, model)
+    accumulation = trainer.accumulation_steps
+    batches, loss_func = first_batches(trainer, model, train_data, (steps + 1) * accumulation)
+    windows = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+    model.train()
+    step(trainer, loss_func, windows[0])  # warm-up: lazy allocations, first-call dispatch, the optimizer's state
+    tokens = predictions = 0
+    with PeakMemory() as stepped, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        start = time.perf_counter()
+        for window in windows[1:]:
+            step_tokens, step_predictions = step(trainer, loss_func, window)
+            tokens, predictions = tokens + step_tokens, predictions + step_predictions
+        seconds = (time.perf_counter() - start) / max(1, len(windows) - 1)
+    n = max(1, len(windows) - 1)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
+    out = (f"## {name} ({preset} preset{', ' + str(settings) if settings else ''})\n\n"
+           f"- seconds per step: {seconds:.2f} (profiled; the profiler adds overhead)\n"
+           f"- tokens per step: {tokens / n:.0f}, LM-head positions per step: {predictions / n:.0f}, "
+           f"tokens/s: {tokens / n / seconds:.0f}\n"
+           f"- peak resident memory: {built.peak_rss_mib / 1024:.2f} GiB while building, "
+           f"{stepped.peak_rss_mib / 1024:.2f} GiB during the steps\n\n```\n{table}\n```\n")
+    del trainer, model, train_data, batches
+    gc.collect()
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(METHODS))
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=12, help="operators listed per method")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every model")
+    parser.add_argument("--out", default=None, help="also write the report to this file")
+    args = parser.parse_args(argv)
+    settings = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
+    report = [f"# One training step per method, profiled\n\n- command: `python benchmarks/profile_step.py "
+              f"{' '.join(argv if argv is not None else __import__('sys').argv[1:])}`\n- commit: {git_commit()}\n"
+              f"- machine: {machine()}, {psutil.virtual_memory().total / 2**30:.0f} GiB\n"
+              f"- torch threads: {torch.get_num_threads()}\n"]
+    for name in [m for m in args.models.split(",") if m]:
+        section = profile_method(name, args.dataset, args.preset, args.steps, settings, args.rows)
+        print(section, flush=True)
+        report.append(section)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
