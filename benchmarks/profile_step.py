@@ -1,15 +1,15 @@
 """Where one training step of each LLM method spends its time and memory (torch.profiler), at a preset's settings.
 
     python benchmarks/profile_step.py                              # CALRec, SemConv, RALLRec, ILM; --preset=cpu
-    python benchmarks/profile_step.py --models=SemConv --steps=3 --set semconv_code_softmax=full
+    python benchmarks/profile_step.py --models=CALRec --set llm_gradient_checkpointing=False
 
 For each method: the model and data are built as a run builds them (the preset's settings, cached artifacts
 reused), the first training batches of epoch 0 are taken exactly as the trainer takes them (the model's own
 examples where it has them, else RecBole's rows), one warm-up step runs, then ``--steps`` steps (forward, backward,
-clipping, the optimizer) run under torch.profiler. Printed per method: seconds per step, tokens and predicted
-positions per step, the operators with the most self CPU time, the peak resident memory of the process after
-building and after the steps, and the largest memory an operator allocated. Run it alone: profiles of a loaded
-machine are not the machine's.
+clipping, the optimizer; ``gradient_accumulation_steps`` passes each) are timed and their peak memory measured,
+then one more step runs under torch.profiler. Printed per method: seconds per step, tokens and predicted
+positions per step, the operators with the most self CPU time, the peak resident memory of the process while
+building and during the timed steps. Run it alone: profiles of a loaded machine are not the machine's.
 """
 
 from __future__ import annotations
@@ -78,21 +78,23 @@ def profile_method(name: str, dataset: str, preset: str, steps: int, settings: d
         _, (train_data, _, _), model = build_model_and_data(config)
         trainer = get_trainer(config["MODEL_TYPE"], name)(config, model)
     accumulation = trainer.accumulation_steps
-    batches, loss_func = first_batches(trainer, model, train_data, (steps + 1) * accumulation)
+    batches, loss_func = first_batches(trainer, model, train_data, (steps + 2) * accumulation)
     windows = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
     model.train()
     step(trainer, loss_func, windows[0])  # warm-up: lazy allocations, first-call dispatch, the optimizer's state
     tokens = predictions = 0
-    with PeakMemory() as stepped, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with PeakMemory() as stepped:  # timed and measured without the profiler (it holds its records in memory)
         start = time.perf_counter()
-        for window in windows[1:]:
+        for window in windows[1:-1]:
             step_tokens, step_predictions = step(trainer, loss_func, window)
             tokens, predictions = tokens + step_tokens, predictions + step_predictions
-        seconds = (time.perf_counter() - start) / max(1, len(windows) - 1)
-    n = max(1, len(windows) - 1)
+        seconds = (time.perf_counter() - start) / max(1, len(windows) - 2)
+    n = max(1, len(windows) - 2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(trainer, loss_func, windows[-1])
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
     out = (f"## {name} ({preset} preset{', ' + str(settings) if settings else ''})\n\n"
-           f"- seconds per step: {seconds:.2f} (profiled; the profiler adds overhead)\n"
+           f"- seconds per optimizer step: {seconds:.2f} ({accumulation} pass{'es' if accumulation > 1 else ''})\n"
            f"- tokens per step: {tokens / n:.0f}, LM-head positions per step: {predictions / n:.0f}, "
            f"tokens/s: {tokens / n / seconds:.0f}\n"
            f"- peak resident memory: {built.peak_rss_mib / 1024:.2f} GiB while building, "
