@@ -3,6 +3,11 @@
     python benchmarks/baselines.py                      # Pop, GRU4Rec, SASRec, BERT4Rec on ml-100k (sequential)
     python benchmarks/baselines.py --family=ctr         # LR, FM, DeepFM, WideDeep, DIN on RALLRec's labeled rows
     python benchmarks/baselines.py --models=SASRec --epochs=300 --stopping_step=10
+    python benchmarks/baselines.py --report              # the report of every model's last record so far
+
+A stopped run resumes where it stopped when started again (``recbole_llm.trainer.resume``: SASRec takes about
+5 minutes an epoch on 2 cores, so a converged family is several sessions' work); each finished model is appended
+to the results file, and ``--report`` assembles the family from it.
 
 Each model trains with RecBole's own early stopping: up to ``--epochs`` (RecBole's default 300), validated every
 epoch, stopped after ``--stopping_step`` validations without improvement (RecBole's default 10), and tested with
@@ -25,7 +30,7 @@ from recbole_llm.quick_start import comparison_protocol
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calrec_ml100k import machine  # noqa: E402
-from common import run_and_report  # noqa: E402
+from common import report_from_results, run_and_report  # noqa: E402
 
 FAMILIES = {
     # family: (baselines, the LLM method whose protocol they share, protocol settings)
@@ -35,13 +40,15 @@ FAMILIES = {
 }
 
 
-def details(records) -> str:
+def details(records, max_epochs: int) -> str:
+    """Per model: epochs trained, the best validation's epoch and score, and whether early stopping ended it (the
+    record's config leaves ``epochs`` out: it does not change what a run computes, so it comes from the command)."""
     lines = ["| model | epochs trained | best epoch | best valid | stopped early |", "|---|---|---|---|---|"]
     for r in records:
         scores = r.get("valid_scores") or []
         trained = len(r.get("train_losses") or []) or len(scores)
         best = max(scores, key=lambda s: s[1] if r["valid_score_bigger"] else -s[1]) if scores else None
-        stopped = trained < int(r["config"].get("epochs") or 0)
+        stopped = trained < max_epochs
         lines.append(f"| {r['model']} | {trained} | {best[0] + 1 if best else '–'} | "
                      f"{r['best_valid_score']:.4f} | {'yes' if stopped else 'no'} |")
     return "\n".join(lines)
@@ -57,6 +64,8 @@ def main(argv=None) -> None:
                                                                       "stopping (RecBole's default)")
     parser.add_argument("--out", default=None, help="default saved/benchmarks/baselines-<family>-<dataset>.md")
     parser.add_argument("--results", default=None, help="default: the report's path with .jsonl")
+    parser.add_argument("--report", action="store_true", help="train nothing: write the report of every model's "
+                        "last record in --results (runs made by several commands or sessions)")
     args = parser.parse_args(argv)
 
     baselines, method, protocol_settings = FAMILIES[args.family]
@@ -68,9 +77,14 @@ def main(argv=None) -> None:
     runs = [(model, model, settings) for model in models]
     title = (f"Converged {args.family} baselines on {args.dataset} (early stopping: at most {args.epochs} epochs, "
              f"stopping_step {args.stopping_step})")
-    run_and_report(runs, args.dataset, protocol, script="benchmarks/baselines.py", argv=argv,
-                   results=args.results or str(Path(out).with_suffix(".jsonl")), out=out, title=title,
-                   details=details, machine=machine())
+    results = args.results or str(Path(out).with_suffix(".jsonl"))
+    if args.report:
+        command = "python benchmarks/baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        report_from_results(results, out, title=title, command=command, machine=machine(),
+                            details=lambda records: details(records, args.epochs))
+        return
+    run_and_report(runs, args.dataset, protocol, script="benchmarks/baselines.py", argv=argv, results=results,
+                   out=out, title=title, details=lambda records: details(records, args.epochs), machine=machine())
 
 
 if __name__ == "__main__":

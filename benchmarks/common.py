@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 from recbole_llm.quick_start import git_commit, run_in_comparison, write_report
 
@@ -24,18 +26,45 @@ def filter_runs(parser, runs: list[tuple[str, str, dict]], texts: list[str]) -> 
 def run_and_report(runs, dataset: str, protocol: dict, *, script: str, title: str, results: str, out: str,
                    details=lambda records: "", argv=None, machine: str = "") -> list[dict]:
     """Run ``(label, model, settings)`` under ``protocol``; rewrite the markdown report at ``out`` after every run
-    (an interruption keeps what finished) and append each record to ``results``."""
+    (an interruption keeps what finished; the intervals and figures are made once, at the end) and append each
+    record to ``results``."""
     started, commit = time.strftime("%Y-%m-%d %H:%M"), git_commit()
     command = f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv)
-    records, report = [], ""
-    for label, model, settings in runs:
+    records = []
+    for number, (label, model, settings) in enumerate(runs, 1):
         records.append(run_in_comparison(model, dataset, protocol, config_dict=settings, results_path=results,
                                          label=label))
         header = (
             f"{title}\n\n- command: `{command.strip()}`\n- commit: {commit}\n- machine: {machine}\n"
             f"- started: {started}\n- protocol: {protocol}\n- test rows per model: {records[-1]['test_rows']}"
         )
-        # the table with paired intervals, and the figures beside it, rewritten after every run
-        report, _ = write_report(records, out, header, title=title.split("\n")[0], footer=details(records))
+        last = number == len(runs)
+        report, _ = write_report(records, out, header, title=title.split("\n")[0], footer=details(records),
+                                 significance=last, plots=last)
+    print(report)
+    return records
+
+
+def report_from_results(results: str, out: str, *, title: str, command: str, machine: str = "",
+                        details=lambda records: "") -> list[dict]:
+    """The report of the records in ``results`` (JSON Lines; the last record of each label), for runs made by
+    several commands (a family trained over several sessions, each run resumed where it stopped)."""
+    by_label = {}
+    for line in Path(results).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_label[record["model"]] = record
+    records = list(by_label.values())
+    if not records:
+        raise SystemExit(f"error: {results} holds no records; run the benchmark first")
+    protocols = {json.dumps(r["protocol"], sort_keys=True) for r in records}
+    if len(protocols) > 1:
+        raise SystemExit(f"error: the records in {results} were made under {len(protocols)} protocols; a report "
+                         "compares one: remove the others' lines")
+    commits = ", ".join(dict.fromkeys(f"{r['model']} {r.get('commit') or '?'}" for r in records))
+    header = (f"{title}\n\n- command: `{command}` (the report of {results})\n- commits: {commits}\n"
+              f"- machine: {machine}\n- protocol: {records[0]['protocol']}\n"
+              f"- test rows per model: {records[0]['test_rows']}")
+    report, _ = write_report(records, out, header, title=title.split("\n")[0], footer=details(records))
     print(report)
     return records

@@ -105,20 +105,17 @@ def evaluation_units(struct, metrics, topk) -> dict | None:
         return None
     users = struct.get("rec.users") if "rec.users" in struct else None
     values = per_user_values(struct, metrics, topk) if "rec.topk" in struct else {}
-    if values:
-        n, unit = len(next(iter(values.values()))), {"unit": "user", "values": values}
-    elif "rec.score" in struct and "data.label" in struct:
-        scores, labels = (struct.get(key).reshape(-1).double().numpy() for key in ("rec.score", "data.label"))
-        n, unit = len(scores), {"unit": "row", "scores": scores, "labels": labels}
+    if values:  # one value per user and metric
+        kind, columns = "user", values
+    elif "rec.score" in struct and "data.label" in struct:  # one score and label per row
+        kind, columns = "row", {key: struct.get(source).reshape(-1).double().numpy()
+                                for key, source in (("scores", "rec.score"), ("labels", "data.label"))}
     else:
         return None
+    n = len(next(iter(columns.values())))
     if users is not None and len(users) != n:  # e.g. sampled-candidate ranking: one score row per candidate
         users = None
     order = np.arange(n) if users is None else np.argsort(users.numpy(), kind="stable")
-    out = {"unit": unit["unit"], "users": None if users is None else users.numpy()[order].tolist()}
-    for key in ("scores", "labels"):
-        if key in unit:
-            out[key] = unit[key][order].tolist()
-    if "values" in unit:
-        out["values"] = {name: column[order].tolist() for name, column in unit["values"].items()}
-    return out
+    columns = {name: column[order].tolist() for name, column in columns.items()}
+    out = {"unit": kind, "users": None if users is None else users.numpy()[order].tolist()}
+    return {**out, "values": columns} if kind == "user" else {**out, **columns}

@@ -34,7 +34,7 @@ from recbole_llm.data.assets import check_interaction_columns, ensure_dataset_fi
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 from recbole_llm.protocol import apply_history_exclusion, protocol_of
 from recbole_llm.errors import UsageError
-from recbole_llm.metrics import evaluation_units
+from recbole_llm.metrics import auc_standard_error, evaluation_units
 from recbole_llm.settings import SettingError, closest
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
 from recbole_llm.trainer.checkpoint import CheckpointError, load_weights, read_meta
@@ -245,6 +245,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "peak_rss_mib": round(memory.peak_rss_mib, 1),
         "peak_gpu_mib": None if memory.peak_gpu_mib is None else round(memory.peak_gpu_mib, 1),
         "device": str(config["device"]),
+        "preset": config["preset"],  # not in "config": a preset's settings are, its name changes nothing computed
         "protocol": protocol_of(config),
         "config": resolved_settings(config),
         "versions": package_versions(),
@@ -255,8 +256,6 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
 def _test_auc_standard_error(config, test_data, test_result) -> float | None:
     """The standard error of the test AUC (:func:`recbole_llm.metrics.auc_standard_error`) from the test rows'
     labels, for runs that report AUC; else None."""
-    from recbole_llm.metrics import auc_standard_error
-
     if "auc" not in (test_result or {}) or config["LABEL_FIELD"] not in test_data.dataset.inter_feat.interaction:
         return None
     labels = test_data.dataset.inter_feat[config["LABEL_FIELD"]].numpy() > 0.5
@@ -424,9 +423,8 @@ def _epochs_cell(record) -> str:
     from recbole_llm.config import properties_dir
 
     epochs = len(record.get("train_losses") or []) or len(record.get("valid_scores") or [])
-    config = record.get("config") or {}
-    preset = config.get("preset")
-    applied = preset and (properties_dir() / "presets" / f"{config.get('model')}-{preset}.yaml").is_file()
+    preset, model = record.get("preset"), (record.get("config") or {}).get("model", record["model"])
+    applied = preset and (properties_dir() / "presets" / f"{model}-{preset}.yaml").is_file()
     return f"{epochs or '–'}" + (f" ({preset} preset)" if applied else "")
 
 

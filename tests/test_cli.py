@@ -45,6 +45,21 @@ def test_comparison_prints_table_and_writes_records(base_config, small_sasrec, c
     assert Path("cmp.md").read_text().count("|") > 20
 
 
+def test_comparison_table_says_how_long_each_model_trained_and_under_which_preset(base_config, small_sasrec,
+                                                                                  capsys):
+    # SASRec's cpu preset sets epochs: 2 (properties/presets/SASRec-cpu.yaml); BPR has no cpu preset: RecBole's
+    # early stopping ends it; MFU is an LLM trainer's figure: no row without one
+    settings = {key: value for key, value in {**base_config, **small_sasrec}.items() if key != "epochs"}
+    code = main(["--model=BPR,SASRec", "--dataset=ml-tiny", "--preset=cpu", "--stopping_step=1", "--results=r.jsonl",
+                 "--significance=off", "--plots=off", *_flags(settings)])
+    assert code == 0
+    out = capsys.readouterr().out
+    bpr = json.loads(Path("r.jsonl").read_text().splitlines()[0])
+    assert f"| epochs trained (preset) | {len(bpr['train_losses'])} | 2 (cpu preset) |" in out
+    assert 2 < len(bpr["train_losses"]) < 300 and bpr["preset"] == "cpu"
+    assert "train MFU" not in out
+
+
 def test_tuning_selects_on_validation_and_writes_trials(base_config, capsys, tmp_path):
     params = tmp_path / "bpr.hyper"
     params.write_text("learning_rate choice [0.0001,0.01]\n")

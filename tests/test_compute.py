@@ -85,3 +85,6 @@ def test_an_llm_run_records_its_throughput_flops_and_mfu(calrec_run):
     assert 0 < compute["mfu"] < 1 and compute["peak_dtype"] == "float32"
     assert record["train_targets_per_second"] > 0 and record["train_tokens_per_second"] > 0
     assert record["train_batch_losses"] and {row[0] for row in record["train_batch_losses"]} == {"batch_loss"}
+    from recbole_llm.quick_start import comparison_table
+
+    assert f"| train MFU | {compute['mfu']:.3f} |" in comparison_table([record])
