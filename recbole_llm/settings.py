@@ -257,6 +257,7 @@ MODEL_KEYS: dict[str, dict[str, Setting]] = {
         "semconv_cf_epochs": integer(1),
         "semconv_cf_settings": mapping("{embedding_size: 64}"),
         "semconv_codes": choice("learned", "random"),
+        "semconv_code_softmax": choice("full", "codes"),
         "semconv_levels": Setting("an integer from 1 to 26", lambda v: None if _is_int(v) and 1 <= v <= 26
                                   else "it is not an integer from 1 to 26", example="4"),
         "semconv_codebook_size": integer(2),

@@ -258,6 +258,33 @@ def test_packed_window_loss_equals_the_per_prefix_loss(semconv_config):
     assert packed_losses.std() > 0  # not a constant
 
 
+def test_code_softmax_scores_code_targets_over_the_code_rows_and_text_over_the_vocabulary(semconv_config):
+    _, model, _ = build_semconv({**semconv_config, "semconv_code_softmax": "codes"})
+    model.double().eval()
+    items = [model.code_tokens[i] for i in (3, 9, 27)]
+    window = pack_window(model.sequential_head, items, sequence_windows(3, window=20, context=5)[0])
+    batch = TokenBatch.build([window, model.text_example(9, title_to_code=False)], model.pad)  # codes; a title
+    block = model.code_rows
+    with torch.no_grad():
+        losses = model.token_losses(batch)
+        # the reference: the whole model's logits (Hugging Face's forward, every row of the head), by hand
+        logits = model.llm(input_ids=batch.ids, attention_mask=batch.mask).logits[:, :-1]
+    predicts = batch.targets[:, 1:].bool()
+    logits, targets = logits[predicts], batch.ids[:, 1:][predicts]
+    is_code = (targets >= block.start) & (targets < block.stop)
+    assert is_code.sum() >= 8 and (~is_code).sum() >= 2  # both kinds of target in the batch
+    full = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    codes_only = -logits[:, block.start:block.stop].log_softmax(-1)[is_code].gather(
+        1, (targets[is_code] - block.start)[:, None]).squeeze(1)
+    torch.testing.assert_close(losses[~is_code], full[~is_code], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(losses[is_code], codes_only, rtol=1e-9, atol=1e-10)
+    assert (losses[is_code] < full[is_code]).all()  # fewer rows in the softmax: a smaller loss at every code target
+    model.train()
+    model.token_losses(batch).mean().backward()
+    _, head = model.llm.get_base_model().get_decoder(), model.llm.get_base_model().get_output_embeddings()
+    assert head.new_rows.grad is not None and head.new_rows.grad.abs().sum() > 0  # the code rows learn
+
+
 # ------------------------------------------------------------------------------------------------ decoding
 def test_constrained_beam_search_only_writes_catalogue_codes(semconv_config):
     _, model, (_, _, test) = build_semconv(semconv_config)

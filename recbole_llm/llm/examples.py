@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_llm.llm.generation import pad_sequences
+from recbole_llm.llm.new_tokens import head_rows
 from recbole_llm.llm.pooling import decoder_and_head
 
 
@@ -72,12 +73,29 @@ def predicted_positions(batch) -> int:
     return int(batch.targets[:, 1:].sum())
 
 
-def response_token_losses(llm, batch: TokenBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+def response_token_losses(llm, batch: TokenBatch, inputs_embeds: torch.Tensor | None = None,
+                          rows: range | None = None) -> torch.Tensor:
     """Cross-entropy of every response token (flattened, in order); the LM head runs on those positions only.
-    ``inputs_embeds``: the batch's input embeddings, when soft tokens replace some of ``batch.ids``."""
+    ``inputs_embeds``: the batch's input embeddings, when soft tokens replace some of ``batch.ids``. ``rows``: a
+    block of the vocabulary (SemConv's code tokens): a target inside it is scored by a softmax over the block's rows
+    only, as constrained decoding chooses among them; every other target over the whole vocabulary."""
     decoder, lm_head = decoder_and_head(llm)
     prompt = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.ids}
     hidden = decoder(**prompt, attention_mask=batch.mask).last_hidden_state
     predicts = batch.targets[:, 1:].bool()  # position t predicts token t + 1
-    logits = lm_head(hidden[:, :-1][predicts])
-    return F.cross_entropy(logits.float(), batch.ids[:, 1:][predicts], reduction="none")
+    hidden, targets = hidden[:, :-1][predicts], batch.ids[:, 1:][predicts]
+    if rows is None:
+        return F.cross_entropy(at_least_fp32(lm_head(hidden)), targets, reduction="none")
+    inside = (targets >= rows.start) & (targets < rows.stop)
+    losses = hidden.new_zeros(len(targets), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    if not inside.all():
+        losses[~inside] = F.cross_entropy(at_least_fp32(lm_head(hidden[~inside])), targets[~inside], reduction="none")
+    if inside.any():
+        block = F.linear(hidden[inside], head_rows(lm_head, rows).to(hidden.dtype))
+        losses[inside] = F.cross_entropy(at_least_fp32(block), targets[inside] - rows.start, reduction="none")
+    return losses
+
+
+def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for a softmax: bf16 / fp16 ones in fp32, fp64 ones (exactness tests) kept."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -59,6 +59,15 @@ class ExtendedHead(nn.Module):
         return torch.cat([self.base(hidden), F.linear(hidden, self.new_rows.to(hidden.dtype))], dim=-1)
 
 
+def head_rows(lm_head: nn.Module, rows: range) -> torch.Tensor:
+    """The output-embedding rows ``rows`` of a head; an :class:`ExtendedHead`'s new rows without concatenating the
+    whole table."""
+    if isinstance(lm_head, ExtendedHead) and rows.start >= lm_head.base.out_features:
+        offset = lm_head.base.out_features
+        return lm_head.new_rows[rows.start - offset:rows.stop - offset]
+    return lm_head.weight[rows.start:rows.stop]
+
+
 def add_trainable_tokens(model, tokenizer, tokens: list[str], seed: int = 0) -> list[int]:
     """Add ``tokens`` to ``tokenizer`` and ``model`` (a causal LM, possibly peft-wrapped) as trainable rows.
 

@@ -72,7 +72,7 @@ STAGE_TWO_KEYS = (
     "semconv_task_weights", "semconv_window_items", "semconv_window_context", "semconv_query_history",
     "max_history_items", "max_item_tokens", "semconv_beams", "generation_batch_size", "exclude_history",
     "metrics", "topk", "valid_metric", "valid_metric_bigger", "train_neg_sample_args", "MAX_ITEM_LIST_LENGTH",
-    "lr_scheduler", "lr_warmup", "epochs",
+    "lr_scheduler", "lr_warmup", "epochs", "semconv_code_softmax",
 )
 
 
@@ -211,6 +211,10 @@ class SemConv(BeamRanking, SequentialRecommender):
         ids = add_trainable_tokens(self.llm, self.tokenizer, code_token_names(self.levels, self.codebook_size),
                                    seed=self.seed)
         self.vocabulary = CodeVocabulary(ids, self.levels, self.codebook_size, len(self.tokenizer))
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise RuntimeError(f"code tokens got non-contiguous ids {ids[:3]}...: the tokenizer already knew some")
+        # the code tokens' block of the vocabulary: with semconv_code_softmax: codes, code targets are scored over it
+        self.code_rows = range(ids[0], ids[0] + len(ids)) if config["semconv_code_softmax"] == "codes" else None
         self._prepare_tokens()
         self.trie = TokenTrie(self.code_tokens[1:], end_token=self.eos)  # trie rows are items 1..n-1
         self.last_batch_tokens = 0
@@ -359,8 +363,10 @@ class SemConv(BeamRanking, SequentialRecommender):
         return self.token_losses(batch).mean()
 
     def token_losses(self, batch: TokenBatch) -> torch.Tensor:
-        """Cross-entropy of every response token (flattened, in order); the LM head runs on those positions only."""
-        return response_token_losses(self.llm, batch)
+        """Cross-entropy of every response token (flattened, in order); the LM head runs on those positions only,
+        over the whole vocabulary (``semconv_code_softmax: full``, LC-Rec's training) or, for code targets, over the
+        code tokens only (``codes``: what constrained decoding chooses among; no 49k-row head at those positions)."""
+        return response_token_losses(self.llm, batch, rows=self.code_rows)
 
     def calculate_loss(self, interaction):
         """Per-prefix loss of RecBole's training rows (the trainer uses the packed tasks; this serves RecBole's API)."""
