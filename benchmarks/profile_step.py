@@ -25,19 +25,11 @@ from torch.profiler import ProfilerActivity, profile
 import recbole_llm  # noqa: F401  (compat shims first)
 from recbole_llm.quick_start import PeakMemory, build_model_and_data, git_commit, make_config
 from recbole_llm.registry import get_trainer
+from recbole_llm.settings import parse_value
 
 from calrec_ml100k import machine  # noqa: E402  (same folder)
 
 METHODS = ("CALRec", "SemConv", "RALLRec", "ILM")
-
-
-def parse_value(text: str):
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def first_batches(trainer, model, train_data, n: int):

@@ -61,6 +61,7 @@ from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsona
 from recbole_llm.llm.backbone import autocast_dtype
 from recbole_llm.locks import exclusive
 from recbole_llm.trainer import data_parallel
+from recbole_llm.trainer.resume import shuffle_generator
 from recbole_llm.trainer.checkpoint import (META, load_optimizer, load_weights, optimizer_state, read_meta,
                                             save_checkpoint, trainable_state_dict)
 
@@ -205,12 +206,13 @@ class LLMTrainer(Trainer):
         n_batches, world = len(train_data), distributed.world_size()
         loss_name = getattr(loss_func, "__name__", "loss")
         salt = zlib.crc32(loss_name.encode())
-        if isinstance(getattr(train_data, "generator", None), torch.Generator):
+        generator = shuffle_generator(train_data)
+        if generator is not None:
             # RecBole's loader shuffles with one generator seeded once and samples negatives from numpy's global
             # stream: its epoch k would depend on the epochs this process ran before (a resumed run would replay
             # epoch 0); both seeded per epoch instead
             epoch_seed = batch_seed(self.config["seed"], epoch_idx, salt)
-            train_data.generator.manual_seed(epoch_seed)
+            generator.manual_seed(epoch_seed)
             np.random.seed(epoch_seed % 2**32)
         steps = deal(train_data, self.accumulation_steps, distributed.rank(), world)
         total_loss = None

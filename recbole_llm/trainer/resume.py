@@ -64,6 +64,12 @@ def set_random_state(state: dict, generator: torch.Generator | None = None) -> N
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def shuffle_generator(loader) -> torch.Generator | None:
+    """The torch generator a RecBole training loader shuffles with (None for loaders without one)."""
+    generator = getattr(loader, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
+
+
 def tensor_state(model: torch.nn.Module) -> dict | None:
     """The model's weights and extra state (``other_parameter``: tensors; sub-modules are in the weights), cloned
     to the CPU; None when the extra state holds anything else."""
@@ -120,7 +126,6 @@ class ResumableTrainer:
                 self.logger.info(f"{self.config['model']} keeps non-tensor state (other_parameter): this run "
                                  "has no resume point")
             return
-        generator = getattr(self._train_data, "generator", None)
         progress = {
             "epoch": epoch,
             "finished": self.cur_step > self.stopping_step,  # RecBole's early-stopping condition
@@ -132,7 +137,7 @@ class ResumableTrainer:
             "valid_scores": self.valid_scores,
         }
         torch.save({**state, "optimizer": self.optimizer.state_dict(), "progress": progress,
-                    "random": random_state(generator if isinstance(generator, torch.Generator) else None),
+                    "random": random_state(shuffle_generator(self._train_data)),
                     "best": self._best_state}, _partial(self.run_dir / LAST))
         _partial(self.run_dir / LAST).replace(self.run_dir / LAST)  # atomic: a crash keeps the previous one
 
@@ -152,8 +157,7 @@ class ResumableTrainer:
         self.train_loss_dict = {int(k): tuple(v) if isinstance(v, list) else v
                                 for k, v in progress["train_loss_dict"].items()}
         self.valid_scores = [list(row) for row in progress["valid_scores"]]
-        generator = getattr(train_data, "generator", None)
-        set_random_state(last["random"], generator if isinstance(generator, torch.Generator) else None)
+        set_random_state(last["random"], shuffle_generator(train_data))
         self._best_state = last["best"]
         if self._best_state is not None:
             self._rewrite_best(progress["epoch"])
