@@ -16,12 +16,10 @@ from recbole_llm.quick_start import PeakMemory
 def test_a_measured_run_starts_with_freed_tensors_given_back():
     process = psutil.Process()
     resident = lambda: process.memory_info().rss / 2**20  # noqa: E731
-    spare = torch.empty(30 * 2**20 // 4)
-    del spare  # glibc raises its mmap threshold after freeing a large block: 1 MiB tensors then live on its heap
     before = resident()
-    # 1.6 GiB of 1 MiB tensors (like a model's activations), each followed by a small block that stays: the heap
-    # cannot shrink from its top by itself
-    blocks = [(torch.ones(2**18), torch.ones(16)) for _ in range(1600)]
+    # 1.6 GiB of 64 KiB tensors (below glibc's smallest mmap threshold, 128 KiB, whatever the process did before:
+    # they always live on its heap), each followed by a small block that stays: the heap cannot shrink by itself
+    blocks = [(torch.ones(2**14), torch.ones(16)) for _ in range(25600)]
     pins = [pin for _, pin in blocks]
     del blocks
     gc.collect()
