@@ -40,6 +40,7 @@ VOLATILE_KEYS = frozenset({
     "wandb_project", "worker", "nproc", "eval_batch_size", "data_path", "dataset_save_path",
     "dataloaders_save_path", "llm_cache_dir", "preset", "metric_decimal_place", "loss_decimal_place",
     "verbose", "world_size", "ip", "port", "offset", "dist_backend", "tune_cpus_per_trial", "tune_gpus_per_trial",
+    "valid_curve_steps",  # validations inside an epoch put the random streams back: they change nothing trained
 })
 
 def to_jsonable(value):

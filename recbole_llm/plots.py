@@ -75,7 +75,7 @@ def _batch_curves(rows) -> dict[str, tuple[list[float], list[float]]]:
 
 def plot_curves(records: list[dict], path) -> Path:
     """One panel per run: its training loss (per batch, smoothed, for LLM trainers; else per epoch) and its valid
-    metric at each validation, against epochs."""
+    metric at each validation (inside epochs too, with ``valid_curve_steps``), against epochs."""
     columns = min(3, len(records))
     rows = math.ceil(len(records) / columns)
     figure = _figure(4.2 * columns, 3.2 * rows)
@@ -95,11 +95,12 @@ def plot_curves(records: list[dict], path) -> Path:
             drawn = True
         axes.set_ylabel("training loss")
         handles, labels = axes.get_legend_handles_labels()
-        if record.get("valid_scores"):
+        # the learning curve (validations inside epochs too, LLM trainers' valid_curve), else RecBole's epoch ends
+        points = ([(point["epochs"], point["valid_score"]) for point in record.get("valid_curve") or []]
+                  or [(epoch + 1, score) for epoch, score in record.get("valid_scores") or []])
+        if points:
             twin = axes.twinx()
-            epochs = [epoch + 1 for epoch, _ in record["valid_scores"]]
-            twin.plot(epochs, [score for _, score in record["valid_scores"]], color="tab:red", marker="o",
-                      label=f"valid {record['valid_metric']}")
+            twin.plot(*zip(*points), color="tab:red", marker="o", label=f"valid {record['valid_metric']}")
             twin.set_ylabel(f"valid {record['valid_metric']}", color="tab:red")
             more = twin.get_legend_handles_labels()
             handles, labels, drawn = handles + more[0], labels + more[1], True

@@ -239,6 +239,9 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         # [loss function, epoch, batch, loss] of every training batch (LLM trainers); valid metric per validation
         "train_batch_losses": [list(row) for row in getattr(trainer, "batch_losses", [])],
         "valid_scores": getattr(trainer, "valid_scores", valid_scores),  # a resumed run's trainer has them all
+        # LLM trainers: every validation (inside epochs too, valid_curve_steps) with the training seconds, optimizer
+        # steps and targets before it, over the whole run (a resumed one included)
+        "valid_curve": getattr(trainer, "valid_curve", None),
         # what each test metric averages over: every user's value (or every scored row), for paired significance
         "test_units": test_units,
         "model_report": to_jsonable(model_obj.run_report()) if hasattr(model_obj, "run_report") else None,

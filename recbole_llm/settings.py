@@ -202,6 +202,7 @@ COMMON: dict[str, Setting] = {
     "lr_scheduler": choice("constant", "linear", "cosine"),
     "lr_warmup": number(at_least=0, example="0.01"),
     "resume": boolean(),
+    "valid_curve_steps": integer(0),
     "dist_backend": choice("auto", "gloo", "nccl"),
     "llm_parallel": choice("ddp", "fsdp"),
     "tune_cpus_per_trial": number(above=0, example="1"),

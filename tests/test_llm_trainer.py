@@ -1,5 +1,6 @@
 """LLMTrainer: safetensors checkpoints of trainable weights, resume, accumulation, load_model round trip."""
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -260,3 +261,69 @@ def test_a_decaying_schedule_makes_epochs_part_of_the_run(toy_config):
 
     assert fingerprint(epochs=1) == fingerprint(epochs=2)  # constant: a longer run continues a shorter one
     assert fingerprint(epochs=1, lr_scheduler="cosine") != fingerprint(epochs=2, lr_scheduler="cosine")
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_there_and_its_learning_curve_changes_nothing(
+        toy_config, tmp_path, monkeypatch):
+    settings = {**toy_config, "learner": "adam", "lora_dropout": 0.3, "llm_dtype": "fp32", "epochs": 2,
+                "eval_step": 1}
+    straight = run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**settings, "checkpoint_dir": str(tmp_path / "a")})
+    per_epoch = sum(1 for row in straight["train_batch_losses"] if row[1] == 0)
+    assert per_epoch >= 30
+    every = per_epoch // 3
+    curved = {**settings, "checkpoint_dir": str(tmp_path / "b"), "valid_curve_steps": every}
+
+    # the process dies in epoch 1, a few batches after its first validation inside that epoch
+    toy = get_model("ToyLLMRec")
+    real_loss, calls = toy.calculate_loss, []
+
+    @functools.wraps(real_loss)  # the loss function's name seeds its batches' dropout
+    def dying_loss(self, interaction):
+        calls.append(1)
+        if len(calls) == per_epoch + every + 3:
+            raise _Stopped
+        return real_loss(self, interaction)
+
+    monkeypatch.setattr(toy, "calculate_loss", dying_loss)
+    with pytest.raises(_Stopped):
+        run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict=curved)
+    monkeypatch.setattr(toy, "calculate_loss", real_loss)
+    meta = json.loads((Path(curved["checkpoint_dir"]).glob("ToyLLMRec-*/last").__next__() / "recbole_llm.json")
+                      .read_text())
+    assert meta["epoch"] == 0 and meta["partial"]["epoch"] == 1 and meta["partial"]["steps"] == every
+
+    calls.clear()
+    @functools.wraps(real_loss)
+    def counted_loss(self, interaction):
+        calls.append(1)
+        return real_loss(self, interaction)
+
+    monkeypatch.setattr(toy, "calculate_loss", counted_loss)
+    resumed = run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict=curved)
+    assert len(calls) == per_epoch - every  # the batches after the resume point, each once
+
+    # validations inside epochs, put where the setting says, then each epoch's end, progress growing
+    epochs = [point["epochs"] for point in resumed["valid_curve"]]
+    steps = [point["optimizer_steps"] for point in resumed["valid_curve"]]
+    inside = list(range(every, per_epoch, every))
+    assert steps == [*inside, per_epoch, *[per_epoch + s for s in inside], 2 * per_epoch]
+    assert epochs == pytest.approx([s / per_epoch for s in steps])
+    seconds = [point["train_seconds"] for point in resumed["valid_curve"]]
+    assert all(b > a for a, b in zip(seconds, seconds[1:]))
+    # ... and the run trained exactly what the uninterrupted run without them trained
+    assert [row[:3] for row in resumed["train_batch_losses"]] == [row[:3] for row in straight["train_batch_losses"]]
+    assert [row[3] for row in resumed["train_batch_losses"]] == pytest.approx(
+        [row[3] for row in straight["train_batch_losses"]], rel=1e-5)
+    assert [loss for _, loss in resumed["train_losses"]] == pytest.approx(
+        [loss for _, loss in straight["train_losses"]], rel=1e-5)
+    assert [s for _, s in resumed["valid_scores"]] == pytest.approx([s for _, s in straight["valid_scores"]])
+    assert resumed["test_result"] == pytest.approx(straight["test_result"])
+    end_points = [p["valid_score"] for p in resumed["valid_curve"] if p["epochs"] in (1, 2)]
+    assert end_points == pytest.approx([s for _, s in straight["valid_scores"]])
+    # ... and the throughput counts every process's training, the stopped one's included
+    assert resumed["train_tokens_per_second"] == pytest.approx(
+        straight["train_tokens_per_second"], rel=0.6)

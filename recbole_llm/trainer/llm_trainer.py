@@ -15,6 +15,11 @@ RecBole's ``fit`` loop (validation, early stopping, logging) is kept as is; only
   run's optimizer steps when below 1): :func:`lr_factor`, the formulas of Hugging Face's schedulers (which the
   official code of RALLRec and LC-Rec trains with), applied before every optimizer step of ``fit``; the step count
   is saved with ``last``, so a resumed run continues the schedule where it stopped.
+* learning curve (``valid_curve_steps: N``): inside ``fit``'s epochs, every N optimizer steps, a validation pass
+  recorded in ``valid_curve`` (with the optimizer step, training seconds and targets so far; epoch-end validations
+  join it) and a resume point: a stopped run continues inside the epoch, skipping the batches it trained. These
+  validations choose nothing (the best checkpoint and early stopping stay RecBole's, at epoch ends) and change
+  nothing trained: the random streams are put back after them.
 
 The run directory ``<checkpoint_dir>/<model>-<dataset>-<fingerprint>`` is keyed by the resolved configuration (every
 YAML layer), the data files' content and the recbole_llm version (:mod:`recbole_llm.fingerprint`), so a
@@ -40,6 +45,7 @@ and optimizer state stay in the backbone's dtype (fp32 master weights). Evaluati
 from __future__ import annotations
 
 import math
+import random
 import time
 import zlib
 from contextlib import nullcontext
@@ -66,6 +72,8 @@ from recbole_llm.trainer.checkpoint import (META, load_optimizer, load_weights, 
                                             save_checkpoint, trainable_state_dict)
 
 SCHEDULES = ("constant", "linear", "cosine")
+# the run's training totals, kept with the resume point
+TOTALS = ("train_seconds", "train_tokens", "train_targets", "train_predictions")
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -172,6 +180,10 @@ class LLMTrainer(Trainer):
         self.batch_losses: list[tuple[str, int, int, float]] = []
         self._validating = False
         self.valid_scores: list[list] = []  # [epoch, valid score] of every validation, resumed ones included
+        self.curve_steps = int(config["valid_curve_steps"] or 0)
+        self.valid_curve: list[dict] = []  # the learning curve: every validation with its training progress
+        self._curve_data = None  # fit's validation data when it draws a curve
+        self._partial: dict | None = None  # the epoch a resumed run continues, and what it had trained of it
         self.schedule = config["lr_scheduler"] or "constant"
         self.warmup = float(config["lr_warmup"] or 0)
         self.optimizer_steps = 0  # of fit's schedule (a resumed run restores it)
@@ -192,7 +204,7 @@ class LLMTrainer(Trainer):
         return super()._build_optimizer(**kwargs)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        batches = None
+        fit_epoch, batches = loss_func is None, None  # fit's epochs (a stage passes its own loss function)
         if loss_func is None and hasattr(self.model, "epoch_batches"):
             # the model builds its own examples per epoch (recbole_llm.llm.examples) from RecBole's training split,
             # or returns None to train on RecBole's rows
@@ -215,14 +227,26 @@ class LLMTrainer(Trainer):
             generator.manual_seed(epoch_seed)
             np.random.seed(epoch_seed % 2**32)
         steps = deal(train_data, self.accumulation_steps, distributed.rank(), world)
-        total_loss = None
+        n_steps = math.ceil(n_batches / self.accumulation_steps)  # optimizer steps of the epoch
+        curve = fit_epoch and self._curve_data is not None
+        total_loss, done, batch_losses = None, 0, []
+        partial = self._partial if fit_epoch and self._partial and self._partial["epoch"] == epoch_idx else None
+        if fit_epoch:
+            self._partial = None
+        if partial:  # what the stopped run trained of this epoch (its counts are in the run's totals already)
+            done = partial["steps"]
+            total_loss = (tuple(partial["loss"]) if isinstance(partial["loss"], list) else partial["loss"]) \
+                if distributed.is_main() else None
         progress = tqdm(
             steps, total=micro_batches(n_batches, self.accumulation_steps, world), ncols=100,
             desc=set_color(f"Train {epoch_idx:>5}", "pink"), disable=not show_progress,
         )
-        start, tokens, targets, predictions, batch_losses = time.perf_counter(), 0, 0, 0, []
+        start, tokens, targets, predictions, stepped = time.perf_counter(), 0, 0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
         for step in progress:
+            if stepped < done:  # trained before the resume point: drawn (the random streams advance alike), skipped
+                stepped += step.last_in_window
+                continue
             interaction = step.batch.to(self.device)
             # dropout masks drawn from the batch's own seed: the same whatever the number of processes
             torch.manual_seed(batch_seed(self.config["seed"], epoch_idx, salt, step.index))
@@ -237,24 +261,60 @@ class LLMTrainer(Trainer):
                 self._schedule_step(n_batches)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            if not step.weight:
-                continue  # a process's stand-in pass (its window had fewer batches than processes)
-            total_loss = add_losses(total_loss, tuple(l.item() for l in losses) if isinstance(losses, tuple)
-                                    else loss.item())
-            batch_losses.append((loss_name, epoch_idx, step.index, loss.item()))
-            tokens += int(getattr(self.model, "last_batch_tokens", 0))
-            targets += int(getattr(self.model, "last_batch_targets", 0))
-            predictions += int(getattr(self.model, "last_batch_predictions", 0))
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        self.train_seconds += time.perf_counter() - start
+                stepped += 1
+            if step.weight:  # not a process's stand-in pass (its window had fewer batches than processes)
+                total_loss = add_losses(total_loss, tuple(l.item() for l in losses) if isinstance(losses, tuple)
+                                        else loss.item())
+                batch_losses.append((loss_name, epoch_idx, step.index, loss.item()))
+                tokens += int(getattr(self.model, "last_batch_tokens", 0))
+                targets += int(getattr(self.model, "last_batch_targets", 0))
+                predictions += int(getattr(self.model, "last_batch_predictions", 0))
+                progress.set_postfix(loss=f"{loss.item():.4f}")
+            if curve and step.last_in_window and stepped % self.curve_steps == 0 and stepped < n_steps:
+                # the epoch so far joins the run's totals, so the point and its resume point count it
+                self._add_counts(time.perf_counter() - start, tokens, targets, predictions)
+                total_loss, rows = self._gathered(total_loss, batch_losses)
+                self._curve_point(epoch_idx, stepped / n_steps)
+                self._save_last(epoch_idx - 1, partial={"epoch": epoch_idx, "steps": stepped,
+                                                        "loss": to_jsonable(total_loss)}, pending=rows)
+                if not distributed.is_main():
+                    total_loss = None  # rank 0 carries the gathered loss on
+                self.batch_losses.extend(rows)
+                start, tokens, targets, predictions, batch_losses = time.perf_counter(), 0, 0, 0, []
+        self._add_counts(time.perf_counter() - start, tokens, targets, predictions)
+        total_loss, rows = self._gathered(total_loss, batch_losses)
+        self.batch_losses.extend(rows)
+        return total_loss
+
+    def _add_counts(self, seconds: float, tokens: int, targets: int, predictions: int) -> None:
+        """Add training time and every process's tokens, targets and LM-head positions to the run's totals."""
+        self.train_seconds += seconds
         self.train_tokens += distributed.total(tokens)  # every process's tokens: the run's throughput
         self.train_targets += distributed.total(targets)
         self.train_predictions += distributed.total(predictions)
-        if world > 1:  # the loss over all the epoch's batches, and each batch's, as one process reports them
-            total_loss = reduce(add_losses, distributed.all_gather(total_loss))
-            batch_losses = sorted(row for rows in distributed.all_gather(batch_losses) for row in rows)
-        self.batch_losses.extend(batch_losses)
-        return total_loss
+
+    @staticmethod
+    def _gathered(total_loss, batch_losses: list) -> tuple:
+        """The loss summed over every process's batches, and every process's batch losses, as one process has them."""
+        if distributed.world_size() == 1:
+            return total_loss, batch_losses
+        return (reduce(add_losses, distributed.all_gather(total_loss)),
+                sorted(row for rows in distributed.all_gather(batch_losses) for row in rows))
+
+    def _curve_point(self, epoch_idx: int, fraction: float) -> None:
+        """Validate inside an epoch for the learning curve; the random streams training draws from are put back."""
+        streams = np.random.get_state(), random.getstate(), torch.get_rng_state()
+        score, result = self._valid_epoch(self._curve_data)
+        np.random.set_state(streams[0]), random.setstate(streams[1]), torch.set_rng_state(streams[2])
+        self.model.train()
+        self._add_curve(epoch_idx + fraction, score)
+        self.logger.info(set_color(f"epoch {epoch_idx} step {self.optimizer_steps} evaluating", "green")
+                         + f" [{set_color('valid_score', 'blue')}: {score:f}] (learning curve)")
+
+    def _add_curve(self, epochs: float, score: float) -> None:
+        self.valid_curve.append({"epochs": round(epochs, 6), "optimizer_steps": self.optimizer_steps,
+                                 "train_seconds": round(self.train_seconds, 3), "train_targets": self.train_targets,
+                                 "valid_score": float(score)})
 
     def compute_report(self) -> dict | None:
         """What training computed, for the run's record: the backbone's FLOPs per training token (its weights
@@ -337,12 +397,16 @@ class LLMTrainer(Trainer):
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 
-    def _save_last(self, epoch: int) -> None:
+    def _save_last(self, epoch: int, partial: dict | None = None, pending: list = ()) -> None:
+        """The resume point after ``epoch``; ``partial``: the next epoch's progress when saved inside it
+        (``pending``: its batch losses so far)."""
         finished = self.cur_step > self.stopping_step  # RecBole's early-stopping condition
         history = {"train_loss_dict": {str(k): to_jsonable(v) for k, v in self.train_loss_dict.items()},
-                   "valid_scores": self.valid_scores, "batch_losses": [list(row) for row in self.batch_losses]}
-        self._write_checkpoint(self.last_checkpoint, self._meta(epoch, finished=finished, history=history),
-                               self.optimizer)
+                   "valid_scores": self.valid_scores, "valid_curve": self.valid_curve,
+                   "batch_losses": [list(row) for row in [*self.batch_losses, *pending]],
+                   **{name: getattr(self, name) for name in TOTALS}}
+        self._write_checkpoint(self.last_checkpoint, self._meta(epoch, finished=finished, history=history,
+                                                                partial=partial), self.optimizer)
 
     def _write_checkpoint(self, path, meta: dict, optimizer=None) -> None:
         """Save the trainable weights (and ``optimizer``) to ``path``; in a distributed run rank 0 alone writes
@@ -372,18 +436,25 @@ class LLMTrainer(Trainer):
         self.train_loss_dict = {int(k): tuple(v) if isinstance(v, list) else v
                                 for k, v in history.get("train_loss_dict", {}).items()}
         self.valid_scores = [list(row) for row in history.get("valid_scores", [])]
+        self.valid_curve = list(history.get("valid_curve", []))
         self.batch_losses = [tuple(row) for row in history.get("batch_losses", [])]
+        for name in TOTALS:  # the record's throughput and the curve's progress count the earlier processes' work
+            setattr(self, name, type(getattr(self, name))(history.get(name, 0)))
+        self._partial = meta.get("partial")
         self.logger.info(
-            set_color("Resuming", "blue") + f" from {self.last_checkpoint} (epoch {meta['epoch']} done, "
-            f"best valid score {self.best_valid_score:.4f})"
+            set_color("Resuming", "blue") + f" from {self.last_checkpoint} (epoch {meta['epoch']} done"
+            + (f", epoch {self._partial['epoch']} to step {self._partial['steps']}" if self._partial else "")
+            + f", best valid score {self.best_valid_score:.4f})"
         )
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._validating = bool(valid_data) and self.eval_step > 0
         self._scheduled = True
+        self._curve_data = valid_data if self.curve_steps and valid_data else None
 
         def after_validation(epoch_idx, valid_score):
             self.valid_scores.append([epoch_idx, float(valid_score)])
+            self._add_curve(epoch_idx + 1, valid_score)
             if saved:
                 self._save_last(epoch_idx)
             if callback_fn is not None:
