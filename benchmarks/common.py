@@ -45,16 +45,22 @@ def run_and_report(runs, dataset: str, protocol: dict, *, script: str, title: st
     return records
 
 
-def report_from_results(results: str, out: str, *, title: str, command: str, machine: str = "",
+def report_from_results(results: str | list[str], out: str, *, title: str, command: str, machine: str = "",
                         details=lambda records: "") -> list[dict]:
-    """The report of the records in ``results`` (JSON Lines; the last record of each label), for runs made by
-    several commands (a family trained over several sessions, each run resumed where it stopped)."""
+    """The report of the records in ``results`` (JSON Lines files; the last record of each label), for runs made
+    by several commands (a family trained over several sessions, each run resumed where it stopped; an LLM method
+    against baselines trained by another script)."""
+    files = [results] if isinstance(results, str) else list(results)
     by_label = {}
-    for line in Path(results).read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_label[record["model"]] = record
+    for path in files:
+        if not Path(path).is_file():
+            raise SystemExit(f"error: {path} does not exist; run the benchmark that writes it first")
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_label[record["model"]] = record
     records = list(by_label.values())
+    results = ", ".join(files)
     if not records:
         raise SystemExit(f"error: {results} holds no records; run the benchmark first")
     protocols = {json.dumps(r["protocol"], sort_keys=True) for r in records}
