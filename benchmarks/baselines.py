@@ -40,6 +40,17 @@ FAMILIES = {
 }
 
 
+def family_settings(family: str, rows: int | None) -> dict:
+    """The family's protocol settings; ``rows``: score a seeded sample of this many valid and test rows (CTR; the
+    same rows for every model), a protocol of its own for LLM scorers that cannot score them all in their budget."""
+    return {**FAMILIES[family][2], **({"eval_max_interactions": rows} if rows else {})}
+
+
+def results_name(family: str, dataset: str, rows: int | None) -> str:
+    """``saved/benchmarks/baselines-<family>-<dataset>[-rows<N>].jsonl``: one file per protocol."""
+    return f"saved/benchmarks/baselines-{family}-{dataset}" + (f"-rows{rows}" if rows else "") + ".jsonl"
+
+
 def details(records, max_epochs: int) -> str:
     """Per model: epochs trained, the best validation's epoch and score, and whether early stopping ended it (the
     record's config leaves ``epochs`` out: it does not change what a run computes, so it comes from the command)."""
@@ -62,17 +73,21 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=300, help="at most this many epochs (RecBole's default)")
     parser.add_argument("--stopping_step", type=int, default=10, help="validations without improvement before "
                                                                       "stopping (RecBole's default)")
+    parser.add_argument("--eval_max_interactions", type=int, default=None, metavar="N",
+                        help="CTR: score a seeded sample of N valid and N test rows (a protocol of its own, e.g. an LLM "
+                             "method's 2-hour budget: benchmarks/budget_2h.py); default every row")
     parser.add_argument("--out", default=None, help="default saved/benchmarks/baselines-<family>-<dataset>.md")
     parser.add_argument("--results", default=None, help="default: the report's path with .jsonl")
     parser.add_argument("--report", action="store_true", help="train nothing: write the report of every model's "
                         "last record in --results (runs made by several commands or sessions)")
     args = parser.parse_args(argv)
 
-    baselines, method, protocol_settings = FAMILIES[args.family]
+    baselines, method, _ = FAMILIES[args.family]
     models = [m for m in (args.models or ",".join(baselines)).split(",") if m]
-    out = args.out or f"saved/benchmarks/baselines-{args.family}-{args.dataset}.md"
+    out = args.out or str(Path(results_name(args.family, args.dataset, args.eval_max_interactions))
+                          .with_suffix(".md"))
     settings = {"show_progress": False, "epochs": args.epochs, "stopping_step": args.stopping_step, "eval_step": 1,
-                **protocol_settings}
+                **family_settings(args.family, args.eval_max_interactions)}
     protocol = comparison_protocol([method, *models], args.dataset, config_dict=settings)
     runs = [(model, model, settings) for model in models]
     title = (f"Converged {args.family} baselines on {args.dataset} (early stopping: at most {args.epochs} epochs, "

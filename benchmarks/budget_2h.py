@@ -9,6 +9,8 @@ user, Recall/NDCG/MRR/Hit at 1, 5, 10, validated on NDCG@10; CTR: RALLRec's labe
 by user (row by row) for the paired intervals. Its record (with the learning curve of ``valid_curve_steps``: the
 valid metric against training seconds and targets) is appended to ``saved/benchmarks/budget-2h-<Model>-<dataset>.jsonl``;
 the report puts it beside every baseline record in ``saved/benchmarks/baselines-<family>-<dataset>.jsonl``
+(``...-rows<N>.jsonl`` with ``--eval_max_interactions=N``: RALLRec cannot score all ~19k valid and test rows in
+its budget, so its comparison samples rows, and the CTR baselines train under that protocol too)
 (whatever has converged so far: the table says how many epochs each trained and whether early stopping ended it).
 A run stopped by the end of a session resumes at its last curve point when started again.
 """
@@ -23,7 +25,7 @@ import recbole_llm  # noqa: F401  (compat shims first)
 from recbole_llm.quick_start import comparison_protocol
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import FAMILIES, details  # noqa: E402
+from baselines import FAMILIES, details, family_settings, results_name  # noqa: E402
 from calrec_ml100k import machine  # noqa: E402
 from common import report_from_results, run_and_report  # noqa: E402
 
@@ -50,23 +52,26 @@ def main(argv=None) -> None:
     parser.add_argument("--model", choices=sorted(FAMILY), required=True)
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--preset", default="cpu-2h")
+    parser.add_argument("--eval_max_interactions", type=int, default=None, metavar="N",
+                        help="CTR: the protocol's sample of N valid and N test rows (the baselines trained with "
+                             "baselines.py --family=ctr --eval_max_interactions=N); default every row")
     parser.add_argument("--report", action="store_true", help="train nothing: the report of the records so far")
     parser.add_argument("--epochs", type=int, default=300, help="the baselines' epoch cap (baselines.py's "
                                                                   "--epochs), for their 'stopped early' column")
     args = parser.parse_args(argv)
 
     family = FAMILY[args.model]
-    baselines, method, protocol_settings = FAMILIES[family]
+    baselines, method, _ = FAMILIES[family]
     out = f"saved/benchmarks/budget-2h-{args.model}-{args.dataset}.md"
     results = str(Path(out).with_suffix(".jsonl"))
-    baseline_results = f"saved/benchmarks/baselines-{family}-{args.dataset}.jsonl"
+    baseline_results = results_name(family, args.dataset, args.eval_max_interactions)
     title = (f"{args.model} at a 2-hour CPU budget (--preset={args.preset}) against RecBole's converged {family} "
              f"baselines on {args.dataset}")
     both = lambda records: details(records, args.epochs) + "\n" + curve_details(records)  # noqa: E731
     if not args.report:
         # the baselines' protocol: the same call baselines.py makes
-        protocol = comparison_protocol([method, *baselines], args.dataset,
-                                       config_dict={"show_progress": False, **protocol_settings})
+        protocol = comparison_protocol([method, *baselines], args.dataset, config_dict={
+            "show_progress": False, **family_settings(family, args.eval_max_interactions)})
         run_and_report([(args.model, args.model, {"preset": args.preset, "show_progress": False})], args.dataset,
                        protocol, script="benchmarks/budget_2h.py", argv=argv, results=results, out=out,
                        title=title, details=both, machine=machine())
