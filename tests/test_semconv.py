@@ -258,6 +258,16 @@ def test_packed_window_loss_equals_the_per_prefix_loss(semconv_config):
     assert packed_losses.std() > 0  # not a constant
 
 
+def test_a_batch_counts_the_items_it_writes_as_its_targets(semconv_config):
+    _, model, _ = build_semconv(semconv_config)
+    items = [model.code_tokens[i] for i in (3, 9, 27, 81, 243, 5)]
+    packed = pack_window(model.sequential_head, items, sequence_windows(6, window=20, context=5)[0])  # items 2-6
+    title_to_code, code_to_title = model.text_example(7, True), model.text_example(7, False)
+    with torch.no_grad():
+        model.batch_loss(TokenBatch.build([packed, title_to_code, code_to_title], model.pad))
+    assert model.last_batch_targets == 5 + 1 + 0
+
+
 def test_code_softmax_scores_code_targets_over_the_code_rows_and_text_over_the_vocabulary(semconv_config):
     _, model, _ = build_semconv({**semconv_config, "semconv_code_softmax": "codes"})
     model.double().eval()

@@ -214,7 +214,8 @@ class SemConv(BeamRanking, SequentialRecommender):
         if ids != list(range(ids[0], ids[0] + len(ids))):
             raise RuntimeError(f"code tokens got non-contiguous ids {ids[:3]}...: the tokenizer already knew some")
         # the code tokens' block of the vocabulary: with semconv_code_softmax: codes, code targets are scored over it
-        self.code_rows = range(ids[0], ids[0] + len(ids)) if config["semconv_code_softmax"] == "codes" else None
+        self.code_ids = range(ids[0], ids[0] + len(ids))
+        self.code_rows = self.code_ids if config["semconv_code_softmax"] == "codes" else None
         self._prepare_tokens()
         self.trie = TokenTrie(self.code_tokens[1:], end_token=self.eos)  # trie rows are items 1..n-1
         self.last_batch_tokens = 0
@@ -358,8 +359,13 @@ class SemConv(BeamRanking, SequentialRecommender):
         return batches
 
     def batch_loss(self, batch: TokenBatch) -> torch.Tensor:
-        """Mean token cross-entropy over the response tokens (``targets``) of a batch."""
+        """Mean token cross-entropy over the response tokens (``targets``) of a batch. Its targets, for the run's
+        throughput: the items it writes (code-token targets / levels: every window's next items, title-to-code and
+        query answers)."""
         self.last_batch_tokens, self.last_batch_predictions = int(batch.mask.sum()), predicted_positions(batch)
+        written = batch.ids[:, 1:][batch.targets[:, 1:].bool()]
+        self.last_batch_targets = int(((written >= self.code_ids.start) & (written < self.code_ids.stop)).sum()) \
+            // self.levels
         return self.token_losses(batch).mean()
 
     def token_losses(self, batch: TokenBatch) -> torch.Tensor:
