@@ -1,7 +1,7 @@
 """Run by test_locks.py as two processes at once: set up, wait for the go file, then do the same work.
 
 ``python concurrent_worker.py train|texts GO_FILE NAME CONFIG_JSON`` prints one JSON line: how much this process
-computed itself (LLM tokens trained, prompts prefilled) and what it ended with.
+computed itself (LLM optimizer steps taken, prompts prefilled) and what it ended with.
 """
 
 import json
@@ -28,7 +28,8 @@ def train(go: Path, name: str, settings: dict) -> dict:
     trainer = get_trainer(config["MODEL_TYPE"], "ToyLLMRec")(config, model)
     wait_for(go, name)
     trainer.fit(train_data, valid_data, saved=True)
-    return {"tokens": trainer.train_tokens}
+    # this process's own steps (the run's token totals carry over a resume, so they cannot tell)
+    return {"steps": len(trainer.learning_rates)}
 
 
 def texts(go: Path, name: str, settings: dict) -> dict:

@@ -36,7 +36,7 @@ def test_two_identical_training_runs_train_once(base_config, tmp_path):
     settings = {**base_config, "llm_path": "tiny-random", "lora_r": 4, "learning_rate": 0.01,
                 "train_batch_size": 128, "MAX_ITEM_LIST_LENGTH": 10, "epochs": 2}
     results = _together("train", settings, tmp_path)
-    assert sorted(r["tokens"] > 0 for r in results) == [False, True]  # the second resumed the finished run
+    assert sorted(r["steps"] > 0 for r in results) == [False, True]  # the second resumed the finished run
     (run_dir,) = Path(settings["checkpoint_dir"]).glob("ToyLLMRec-ml-tiny-*")
     assert json.loads((run_dir / "last" / "recbole_llm.json").read_text())["epoch"] == 1
 
