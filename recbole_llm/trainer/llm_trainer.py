@@ -304,7 +304,7 @@ class LLMTrainer(Trainer):
     def _curve_point(self, epoch_idx: int, fraction: float) -> None:
         """Validate inside an epoch for the learning curve; the random streams training draws from are put back."""
         streams = np.random.get_state(), random.getstate(), torch.get_rng_state()
-        score, result = self._valid_epoch(self._curve_data)
+        score, _ = self._valid_epoch(self._curve_data)
         np.random.set_state(streams[0]), random.setstate(streams[1]), torch.set_rng_state(streams[2])
         self.model.train()
         self._add_curve(epoch_idx + fraction, score)
