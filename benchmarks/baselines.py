@@ -46,6 +46,14 @@ def family_settings(family: str, rows: int | None) -> dict:
     return {**FAMILIES[family][2], **({"eval_max_interactions": rows} if rows else {})}
 
 
+def family_protocol(family: str, dataset: str, rows: int | None) -> dict:
+    """The family's one protocol (its LLM method's and its baselines', resolved together), shared by this script
+    and benchmarks/budget_2h.py so their records pair."""
+    baselines, method, _ = FAMILIES[family]
+    return comparison_protocol([method, *baselines], dataset,
+                               config_dict={"show_progress": False, **family_settings(family, rows)})
+
+
 def results_name(family: str, dataset: str, rows: int | None) -> str:
     """``saved/benchmarks/baselines-<family>-<dataset>[-rows<N>].jsonl``: one file per protocol."""
     return f"saved/benchmarks/baselines-{family}-{dataset}" + (f"-rows{rows}" if rows else "") + ".jsonl"
@@ -82,13 +90,13 @@ def main(argv=None) -> None:
                         "last record in --results (runs made by several commands or sessions)")
     args = parser.parse_args(argv)
 
-    baselines, method, _ = FAMILIES[args.family]
+    baselines = FAMILIES[args.family][0]
     models = [m for m in (args.models or ",".join(baselines)).split(",") if m]
     out = args.out or str(Path(results_name(args.family, args.dataset, args.eval_max_interactions))
                           .with_suffix(".md"))
     settings = {"show_progress": False, "epochs": args.epochs, "stopping_step": args.stopping_step, "eval_step": 1,
                 **family_settings(args.family, args.eval_max_interactions)}
-    protocol = comparison_protocol([method, *models], args.dataset, config_dict=settings)
+    protocol = family_protocol(args.family, args.dataset, args.eval_max_interactions)
     runs = [(model, model, settings) for model in models]
     title = (f"Converged {args.family} baselines on {args.dataset} (early stopping: at most {args.epochs} epochs, "
              f"stopping_step {args.stopping_step})")

@@ -22,10 +22,9 @@ import sys
 from pathlib import Path
 
 import recbole_llm  # noqa: F401  (compat shims first)
-from recbole_llm.quick_start import comparison_protocol
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import FAMILIES, details, family_settings, results_name  # noqa: E402
+from baselines import details, family_protocol, results_name  # noqa: E402
 from calrec_ml100k import machine  # noqa: E402
 from common import report_from_results, run_and_report  # noqa: E402
 
@@ -61,7 +60,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     family = FAMILY[args.model]
-    baselines, method, _ = FAMILIES[family]
     out = f"saved/benchmarks/budget-2h-{args.model}-{args.dataset}.md"
     results = str(Path(out).with_suffix(".jsonl"))
     baseline_results = results_name(family, args.dataset, args.eval_max_interactions)
@@ -71,9 +69,7 @@ def main(argv=None) -> None:
     both = lambda records: (details([r for r in records if r["model"] != args.model], args.epochs) + "\n"  # noqa: E731
                             + curve_details(records))
     if not args.report:
-        # the baselines' protocol: the same call baselines.py makes
-        protocol = comparison_protocol([method, *baselines], args.dataset, config_dict={
-            "show_progress": False, **family_settings(family, args.eval_max_interactions)})
+        protocol = family_protocol(family, args.dataset, args.eval_max_interactions)
         run_and_report([(args.model, args.model, {"preset": args.preset, "show_progress": False})], args.dataset,
                        protocol, script="benchmarks/budget_2h.py", argv=argv, results=results, out=out,
                        title=title, details=both, machine=machine())
