@@ -76,6 +76,13 @@ def _batch_curves(rows) -> dict[str, tuple[list[float], list[float]]]:
 def plot_curves(records: list[dict], path) -> Path:
     """One panel per run: its training loss (per batch, smoothed, for LLM trainers; else per epoch) and its valid
     metric at each validation (inside epochs too, with ``valid_curve_steps``), against epochs."""
+    curves_figure(records).savefig(path)
+    return Path(path)
+
+
+def curves_figure(records: list[dict]):
+    """The figure :func:`plot_curves` writes: per run, its loss lines on the panel's axes and its valid metric on
+    their twin."""
     columns = min(3, len(records))
     rows = math.ceil(len(records) / columns)
     figure = _figure(4.2 * columns, 3.2 * rows)
@@ -109,5 +116,4 @@ def plot_curves(records: list[dict], path) -> Path:
         else:  # one legend for both axes, under the panel where it covers no line
             axes.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2,
                         frameon=False)
-    figure.savefig(path)
-    return Path(path)
+    return figure

@@ -2,9 +2,11 @@
 
 import functools
 import json
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from recbole.data import data_preparation
@@ -327,3 +329,31 @@ def test_a_run_stopped_inside_an_epoch_resumes_there_and_its_learning_curve_chan
     # ... and the throughput counts every process's training, the stopped one's included
     assert resumed["train_tokens_per_second"] == pytest.approx(
         straight["train_tokens_per_second"], rel=0.6)
+
+
+def test_validations_inside_an_epoch_leave_the_random_streams_training_draws_from_as_they_were(
+        toy_config, tmp_path, monkeypatch):
+    """A model may draw from Python's, numpy's and torch's global generators in training (samplers, noise) and in
+    evaluation (sampled candidates): a curve point must not move training's draws."""
+    toy = get_model("ToyLLMRec")
+    real_loss, real_predict = toy.calculate_loss, toy.full_sort_predict
+
+    @functools.wraps(real_loss)
+    def noisy_loss(self, interaction):  # each stream's next draw shows in the logged loss
+        noise = random.random() + float(np.random.rand()) + float(torch.rand(()))
+        return real_loss(self, interaction) + noise
+
+    def drawing_predict(self, interaction):
+        random.random(), np.random.rand(), torch.rand(())
+        return real_predict(self, interaction)
+
+    monkeypatch.setattr(toy, "calculate_loss", noisy_loss)
+    monkeypatch.setattr(toy, "full_sort_predict", drawing_predict)
+    settings = {**toy_config, "epochs": 1, "eval_step": 1}
+    plain = run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**settings, "checkpoint_dir": str(tmp_path / "a")})
+    per_epoch = len(plain["train_batch_losses"])
+    curved = run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={
+        **settings, "checkpoint_dir": str(tmp_path / "b"), "valid_curve_steps": per_epoch // 4})
+    assert len(curved["valid_curve"]) >= 4  # three or more inside the epoch, and its end
+    assert [row[3] for row in curved["train_batch_losses"]] == pytest.approx(
+        [row[3] for row in plain["train_batch_losses"]], rel=1e-6)
