@@ -5,9 +5,10 @@
     python benchmarks/baselines.py --models=SASRec --epochs=300 --stopping_step=10
     python benchmarks/baselines.py --report              # the report of every model's last record so far
 
-A stopped run resumes where it stopped when started again (``recbole_llm.trainer.resume``: SASRec takes about
-5 minutes an epoch on 2 cores, so a converged family is several sessions' work); each finished model is appended
-to the results file, and ``--report`` assembles the family from it.
+A stopped run resumes where it stopped when started again (``recbole_llm.trainer.resume``, from ``saved/``: SASRec
+takes about 3 minutes an epoch on 2 cores, so a converged family is several sessions' work); each finished model's
+record is appended to ``benchmarks/results/`` (kept in the repository), and ``--report`` assembles the family from
+it.
 
 Each model trains with RecBole's own early stopping: up to ``--epochs`` (RecBole's default 300), validated every
 epoch, stopped after ``--stopping_step`` validations without improvement (RecBole's default 10), and tested with
@@ -30,7 +31,7 @@ from recbole_llm.quick_start import comparison_protocol
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calrec_ml100k import machine  # noqa: E402
-from common import report_from_results, run_and_report  # noqa: E402
+from common import RESULTS, report_from_results, run_and_report  # noqa: E402
 
 FAMILIES = {
     # family: (baselines, the LLM method whose protocol they share, protocol settings)
@@ -55,8 +56,9 @@ def family_protocol(family: str, dataset: str, rows: int | None) -> dict:
 
 
 def results_name(family: str, dataset: str, rows: int | None) -> str:
-    """``saved/benchmarks/baselines-<family>-<dataset>[-rows<N>].jsonl``: one file per protocol."""
-    return f"saved/benchmarks/baselines-{family}-{dataset}" + (f"-rows{rows}" if rows else "") + ".jsonl"
+    """``benchmarks/results/baselines-<family>-<dataset>[-rows<N>].jsonl``: one file per protocol, kept in the
+    repository (a converged family takes more than one session, and ``saved/`` is not kept)."""
+    return f"{RESULTS}/baselines-{family}-{dataset}" + (f"-rows{rows}" if rows else "") + ".jsonl"
 
 
 def details(records, max_epochs: int) -> str:
@@ -85,22 +87,22 @@ def main(argv=None) -> None:
                         help="CTR: score a seeded sample of N valid and N test rows (a protocol of its own, e.g. an LLM "
                              "method's 2-hour budget: benchmarks/budget_2h.py); default every row")
     parser.add_argument("--out", default=None, help="default saved/benchmarks/baselines-<family>-<dataset>.md")
-    parser.add_argument("--results", default=None, help="default: the report's path with .jsonl")
+    parser.add_argument("--results", default=None, help="records, appended (default benchmarks/results/baselines-"
+                        "<family>-<dataset>.jsonl, committed with the BENCHMARKS.md section they make)")
     parser.add_argument("--report", action="store_true", help="train nothing: write the report of every model's "
                         "last record in --results (runs made by several commands or sessions)")
     args = parser.parse_args(argv)
 
     baselines = FAMILIES[args.family][0]
     models = [m for m in (args.models or ",".join(baselines)).split(",") if m]
-    out = args.out or str(Path(results_name(args.family, args.dataset, args.eval_max_interactions))
-                          .with_suffix(".md"))
+    results = args.results or results_name(args.family, args.dataset, args.eval_max_interactions)
+    out = args.out or f"saved/benchmarks/{Path(results).stem}.md"
     settings = {"show_progress": False, "epochs": args.epochs, "stopping_step": args.stopping_step, "eval_step": 1,
                 **family_settings(args.family, args.eval_max_interactions)}
     protocol = family_protocol(args.family, args.dataset, args.eval_max_interactions)
     runs = [(model, model, settings) for model in models]
     title = (f"Converged {args.family} baselines on {args.dataset} (early stopping: at most {args.epochs} epochs, "
              f"stopping_step {args.stopping_step})")
-    results = args.results or str(Path(out).with_suffix(".jsonl"))
     if args.report:
         command = "python benchmarks/baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
         report_from_results(results, out, title=title, command=command, machine=machine(),

@@ -7,8 +7,9 @@ The method runs with ``properties/presets/<Model>-cpu-2h.yaml`` under its family
 ``benchmarks/baselines.py`` trains the baselines with (sequential: leave-one-out by time, full ranking of every
 user, Recall/NDCG/MRR/Hit at 1, 5, 10, validated on NDCG@10; CTR: RALLRec's labeled rows), so the records pair user
 by user (row by row) for the paired intervals. Its record (with the learning curve of ``valid_curve_steps``: the
-valid metric against training seconds and targets) is appended to ``saved/benchmarks/budget-2h-<Model>-<dataset>.jsonl``;
-the report puts it beside every baseline record in ``saved/benchmarks/baselines-<family>-<dataset>.jsonl``
+valid metric against training seconds and targets) is appended to ``benchmarks/results/budget-2h-<Model>-<dataset>.jsonl``
+(kept in the repository with the baselines' records); the report puts it beside every baseline record in
+``benchmarks/results/baselines-<family>-<dataset>.jsonl``
 (``...-rows<N>.jsonl`` with ``--eval_max_interactions=N``: RALLRec cannot score all ~19k valid and test rows in
 its budget, so its comparison samples rows, and the CTR baselines train under that protocol too)
 (whatever has converged so far: the table says how many epochs each trained and whether early stopping ended it).
@@ -26,7 +27,7 @@ import recbole_llm  # noqa: F401  (compat shims first)
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import details, family_protocol, results_name  # noqa: E402
 from calrec_ml100k import machine  # noqa: E402
-from common import report_from_results, run_and_report  # noqa: E402
+from common import RESULTS, report_from_results, run_and_report  # noqa: E402
 
 FAMILY = {"SemConv": "sequential", "CALRec": "sequential", "ILM": "sequential", "RALLRec": "ctr"}
 
@@ -60,8 +61,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     family = FAMILY[args.model]
-    out = f"saved/benchmarks/budget-2h-{args.model}-{args.dataset}.md"
-    results = str(Path(out).with_suffix(".jsonl"))
+    results = f"{RESULTS}/budget-2h-{args.model}-{args.dataset}.jsonl"
+    out = f"saved/benchmarks/{Path(results).stem}.md"
     baseline_results = results_name(family, args.dataset, args.eval_max_interactions)
     title = (f"{args.model} at a 2-hour CPU budget (--preset={args.preset}) against RecBole's converged {family} "
              f"baselines on {args.dataset}")

@@ -9,6 +9,10 @@ from pathlib import Path
 
 from recbole_llm.quick_start import git_commit, run_in_comparison, write_report
 
+# The records behind the BENCHMARKS.md sections that take more than a session to make (converged baselines, the
+# 2-hour budgets): committed beside the scripts, so a later session's --report finds them (saved/ is not kept).
+RESULTS = "benchmarks/results"
+
 
 def filter_runs(parser, runs: list[tuple[str, str, dict]], texts: list[str]) -> list[tuple[str, str, dict]]:
     """The runs chosen by ``texts`` (all without any): a text picks the run with exactly that label, else every run
