@@ -74,15 +74,19 @@ def calrec_run(base_config):
             "calrec_window_context": 1, "eval_step": 0, "eval_max_users": 5}
 
 
-def test_an_llm_run_records_its_throughput_flops_and_mfu(calrec_run):
+@pytest.mark.parametrize("native_bf16, trained_in", [("0", "float32"), ("1", "bfloat16")])
+def test_an_llm_run_records_its_throughput_flops_and_mfu(calrec_run, monkeypatch, native_bf16, trained_in):
     from recbole_llm.quick_start import run_recbole_llm
 
+    # llm_dtype auto: fp32 on a CPU without native bf16, bf16 autocast on one with it (forced here, so that both
+    # paths run on every machine); the peak MFU is taken against is the one of the dtype the run computed in
+    monkeypatch.setenv("RECBOLE_LLM_CPU_BF16", native_bf16)
     record = run_recbole_llm("CALRec", "ml-tiny", config_dict=calrec_run)
     compute = record["train_compute"]
     # CALRec fully fine-tunes: 6 FLOPs per body weight and token, and the (tied, trained) head on the predicted
     # positions, fewer than the tokens (history and the target-only tower are not predicted)
     assert 6 * BODY < compute["flops_per_token"] < 6 * (BODY + HEAD)
-    assert 0 < compute["mfu"] < 1 and compute["peak_dtype"] == "float32"
+    assert 0 < compute["mfu"] < 1 and compute["peak_dtype"] == trained_in
     assert record["train_targets_per_second"] > 0 and record["train_tokens_per_second"] > 0
     assert record["train_batch_losses"] and {row[0] for row in record["train_batch_losses"]} == {"batch_loss"}
     from recbole_llm.quick_start import comparison_table
