@@ -8,7 +8,8 @@ reused), the first training batches of epoch 0 are taken exactly as the trainer 
 examples where it has them, else RecBole's rows), one warm-up step runs, then ``--steps`` steps (forward, backward,
 clipping, the optimizer; ``gradient_accumulation_steps`` passes each) are timed and their peak memory measured,
 then one more step runs under torch.profiler. Printed per method: seconds per step, tokens and predicted
-positions per step, the operators with the most self CPU time, the peak resident memory of the process while
+positions per step, training targets per step (where the model counts them: what a budget is sized by), the
+operators with the most self CPU time, the peak resident memory of the process while
 building and during the timed steps. Run it alone: profiles of a loaded machine are not the machine's.
 """
 
@@ -45,10 +46,11 @@ def first_batches(trainer, model, train_data, n: int):
     return taken, model.batch_loss
 
 
-def step(trainer, loss_func, window) -> tuple[int, int]:
+def step(trainer, loss_func, window) -> tuple[int, int, int]:
     """One optimizer step over ``window``'s batches (``gradient_accumulation_steps`` of them), as the trainer takes
-    it (its mixed precision, the mean of the batches' losses); the tokens and LM-head positions the model counted."""
-    tokens = predictions = 0
+    it (its mixed precision, the mean of the batches' losses); the tokens, LM-head positions and training targets
+    the model counted."""
+    tokens = predictions = targets = 0
     for batch in window:
         with trainer.autocast():
             losses = loss_func(batch.to(trainer.device) if hasattr(batch, "to") else batch)
@@ -56,11 +58,12 @@ def step(trainer, loss_func, window) -> tuple[int, int]:
         (loss / len(window)).backward()
         tokens += int(getattr(trainer.model, "last_batch_tokens", 0))
         predictions += int(getattr(trainer.model, "last_batch_predictions", 0))
+        targets += int(getattr(trainer.model, "last_batch_targets", 0))
     if trainer.clip_grad_norm:
         torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters, **trainer.clip_grad_norm)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return tokens, predictions
+    return tokens, predictions, targets
 
 
 def profile_method(name: str, dataset: str, preset: str, steps: int, settings: dict, rows: int) -> str:
@@ -74,21 +77,23 @@ def profile_method(name: str, dataset: str, preset: str, steps: int, settings: d
     windows = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
     model.train()
     step(trainer, loss_func, windows[0])  # warm-up: lazy allocations, first-call dispatch, the optimizer's state
-    tokens = predictions = 0
+    counts = [0, 0, 0]  # tokens, LM-head positions, targets
     with PeakMemory() as stepped:  # timed and measured without the profiler (it holds its records in memory)
         start = time.perf_counter()
         for window in windows[1:-1]:
-            step_tokens, step_predictions = step(trainer, loss_func, window)
-            tokens, predictions = tokens + step_tokens, predictions + step_predictions
+            counts = [a + b for a, b in zip(counts, step(trainer, loss_func, window))]
         seconds = (time.perf_counter() - start) / max(1, len(windows) - 2)
     n = max(1, len(windows) - 2)
+    tokens, predictions, targets = (count / n for count in counts)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step(trainer, loss_func, windows[-1])
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
     out = (f"## {name} ({preset} preset{', ' + str(settings) if settings else ''})\n\n"
            f"- seconds per optimizer step: {seconds:.2f} ({accumulation} pass{'es' if accumulation > 1 else ''})\n"
-           f"- tokens per step: {tokens / n:.0f}, LM-head positions per step: {predictions / n:.0f}, "
-           f"tokens/s: {tokens / n / seconds:.0f}\n"
+           f"- tokens per step: {tokens:.0f}, LM-head positions per step: {predictions:.0f}, "
+           f"tokens/s: {tokens / seconds:.0f}\n"
+           + (f"- training targets per step: {targets:.1f}, tokens per target: {tokens / targets:.1f}, "
+              f"targets/s: {targets / seconds:.2f}\n" if targets else "") +
            f"- peak resident memory: {built.peak_rss_mib / 1024:.2f} GiB while building, "
            f"{stepped.peak_rss_mib / 1024:.2f} GiB during the steps\n\n```\n{table}\n```\n")
     del trainer, model, train_data, batches

@@ -65,3 +65,14 @@ def test_sequential_ce_models_start_without_negative_sampling(base_config):
         RecBoleConfig("SASRec", "ml-tiny", config_dict=base_config)
     config = Config("SASRec", "ml-tiny", config_dict=base_config)
     assert config["train_neg_sample_args"]["distribution"] == "none"
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (properties_dir() / "presets").glob("*.yaml")))
+def test_every_shipped_preset_holds_valid_settings_that_reach_the_config(preset):
+    import yaml
+
+    model, name = preset.split("-", 1)
+    path = properties_dir() / "presets" / f"{preset}.yaml"
+    config = Config(model, "ml-100k", config_dict={"gpu_id": "", "preset": name})  # validated when built
+    for key, value in yaml.safe_load(path.read_text()).items():
+        assert config[key] == value, key
