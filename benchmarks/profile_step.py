@@ -77,14 +77,13 @@ def profile_method(name: str, dataset: str, preset: str, steps: int, settings: d
     windows = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
     model.train()
     step(trainer, loss_func, windows[0])  # warm-up: lazy allocations, first-call dispatch, the optimizer's state
-    counts = [0, 0, 0]  # tokens, LM-head positions, targets
+    timed, counts = windows[1:-1], [0, 0, 0]  # tokens, LM-head positions, targets
     with PeakMemory() as stepped:  # timed and measured without the profiler (it holds its records in memory)
         start = time.perf_counter()
-        for window in windows[1:-1]:
+        for window in timed:
             counts = [a + b for a, b in zip(counts, step(trainer, loss_func, window))]
-        seconds = (time.perf_counter() - start) / max(1, len(windows) - 2)
-    n = max(1, len(windows) - 2)
-    tokens, predictions, targets = (count / n for count in counts)
+        seconds = (time.perf_counter() - start) / max(1, len(timed))
+    tokens, predictions, targets = (count / max(1, len(timed)) for count in counts)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step(trainer, loss_func, windows[-1])
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)

@@ -30,7 +30,7 @@ ODD_USERS = 59  # shares of 30 + 29 and 20 + 20 + 19 users
 # The exactness claims are fp32's: under bf16 autocast (llm_dtype auto on a CPU with AVX512-BF16 or AMX) a product
 # over a shard's batch rounds differently from the one over the whole batch, so one process and several agree to
 # bf16's precision only, and training on them drifts apart from there.
-FP32 = "fp32"
+EXACT = {"llm_dtype": "fp32"}
 
 
 def free_port() -> int:
@@ -84,7 +84,7 @@ def test_sharded_evaluation_is_exact_on_1_2_and_3_processes(base_config, small_s
     ranking = {**base_config, "dataset": "ml-odd", "data_path": str(odd_data), "metric_decimal_place": 10,
                "metrics": ["Recall", "NDCG", "MRR"], "topk": [10, 50], "valid_metric": "NDCG@50"}
     toy = {**ranking, "llm_path": "tiny-random", "lora_r": 4, "lora_dropout": 0.0, "learning_rate": 0.01,
-           "train_batch_size": 64, "MAX_ITEM_LIST_LENGTH": 10, "llm_dtype": FP32}
+           "train_batch_size": 64, "MAX_ITEM_LIST_LENGTH": 10, **EXACT}
     ctr = {**base_config, "dataset": "ml-odd", "data_path": str(odd_data), "metric_decimal_place": 10,
            "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None, "mode": "labeled"},
            "threshold": {"rating": 4}, "metrics": ["AUC", "LogLoss"], "valid_metric": "AUC",
@@ -129,7 +129,7 @@ def step_settings(base_config, data_path, tmp_path, **changes) -> tuple[dict, di
     settings = {**base_config, "dataset": "ml-step", "data_path": str(root), "llm_path": "tiny-random",
                 "lora_dropout": 0.2, "learner": "sgd", "learning_rate": 0.5, "weight_decay": 0.0,
                 "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "eval_step": 0, "train_neg_sample_args": None,
-                "gradient_accumulation_steps": 2, "clip_grad_norm": {"max_norm": 0.05}, "llm_dtype": FP32, **changes}
+                "gradient_accumulation_steps": 2, "clip_grad_norm": {"max_norm": 0.05}, **EXACT, **changes}
     start, rows = weights_at_start(settings)
     settings["train_batch_size"] = math.ceil(rows / 3)
     assert math.ceil(rows / settings["train_batch_size"]) == 3
