@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from itertools import islice
 
 import psutil
 
@@ -34,7 +35,8 @@ def build(**settings):
 def batches_at(model, train_data, indices) -> dict:
     """The epoch-0 batches at ``indices``, in the trainer's order."""
     wanted = set(indices)
-    return {i: b for i, b in enumerate(model.epoch_batches(train_data.dataset, 0)) if i in wanted}
+    epoch = islice(model.epoch_batches(train_data.dataset, 0), max(wanted) + 1)  # built no further than needed
+    return {i: b for i, b in enumerate(epoch) if i in wanted}
 
 
 def timed(label, trainer, model, batches) -> None:
@@ -71,7 +73,8 @@ def main(argv=None) -> None:
             timed(f"round {round_}, profile_step.step", trainer, model, four)
             start = time.perf_counter()
             trainer._train_epoch(four, epoch_idx=0, loss_func=model.batch_loss, show_progress=False)
-            print(f"round {round_}, LLMTrainer._train_epoch: {(time.perf_counter() - start) / 4:.2f} s/step", flush=True)
+            seconds = (time.perf_counter() - start) / len(four)
+            print(f"round {round_}, LLMTrainer._train_epoch: {seconds:.2f} s/step", flush=True)
     else:
         for group in ((1, 2, 3), (200, 201, 202), (400, 401, 402), (1, 2, 3)):
             timed(f"batches {list(group)}", trainer, model, [batches[i] for i in group])
