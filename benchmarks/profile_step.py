@@ -46,23 +46,43 @@ def first_batches(trainer, model, train_data, n: int):
     return taken, model.batch_loss
 
 
-def step(trainer, loss_func, window) -> tuple[int, int, int]:
+class PhasePeaks(PeakMemory):
+    """:class:`PeakMemory` that also keeps the peak of each phase of a step (``peaks.phase = "backward"``)."""
+
+    def __init__(self, interval: float = 0.02):
+        super().__init__(interval)
+        self.phase, self.phase_peaks = "other", {}
+
+    def _sample(self):
+        while not self._stop.is_set():
+            rss = self._process.memory_info().rss / 2**20
+            self.peak_rss_mib = max(self.peak_rss_mib, rss)
+            self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0.0), rss)
+            self._stop.wait(self._interval)
+
+
+def step(trainer, loss_func, window, peaks: PhasePeaks | None = None) -> tuple[int, int, int]:
     """One optimizer step over ``window``'s batches (``gradient_accumulation_steps`` of them), as the trainer takes
     it (its mixed precision, the mean of the batches' losses); the tokens, LM-head positions and training targets
-    the model counted."""
+    the model counted. ``peaks`` is told the phase: forward, backward, optimizer."""
     tokens = predictions = targets = 0
+    mark = (lambda phase: setattr(peaks, "phase", phase)) if peaks is not None else (lambda phase: None)
     for batch in window:
+        mark("forward")
         with trainer.autocast():
             losses = loss_func(batch.to(trainer.device) if hasattr(batch, "to") else batch)
             loss = sum(losses) if isinstance(losses, tuple) else losses
+        mark("backward")
         (loss / len(window)).backward()
         tokens += int(getattr(trainer.model, "last_batch_tokens", 0))
         predictions += int(getattr(trainer.model, "last_batch_predictions", 0))
         targets += int(getattr(trainer.model, "last_batch_targets", 0))
     if trainer.clip_grad_norm:
         torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters, **trainer.clip_grad_norm)
+    mark("optimizer")
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    mark("other")
     return tokens, predictions, targets
 
 
@@ -78,10 +98,10 @@ def profile_method(name: str, dataset: str, preset: str, steps: int, settings: d
     model.train()
     step(trainer, loss_func, windows[0])  # warm-up: lazy allocations, first-call dispatch, the optimizer's state
     timed, counts = windows[1:-1], [0, 0, 0]  # tokens, LM-head positions, targets
-    with PeakMemory() as stepped:  # timed and measured without the profiler (it holds its records in memory)
+    with PhasePeaks() as stepped:  # timed and measured without the profiler (it holds its records in memory)
         start = time.perf_counter()
         for window in timed:
-            counts = [a + b for a, b in zip(counts, step(trainer, loss_func, window))]
+            counts = [a + b for a, b in zip(counts, step(trainer, loss_func, window, stepped))]
         seconds = (time.perf_counter() - start) / max(1, len(timed))
     tokens, predictions, targets = (count / max(1, len(timed)) for count in counts)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -94,7 +114,9 @@ def profile_method(name: str, dataset: str, preset: str, steps: int, settings: d
            + (f"- training targets per step: {targets:.1f}, tokens per target: {tokens / targets:.1f}, "
               f"targets/s: {targets / seconds:.2f}\n" if targets else "") +
            f"- peak resident memory: {built.peak_rss_mib / 1024:.2f} GiB while building, "
-           f"{stepped.peak_rss_mib / 1024:.2f} GiB during the steps\n\n```\n{table}\n```\n")
+           f"{stepped.peak_rss_mib / 1024:.2f} GiB during the steps ("
+           + ", ".join(f"{phase} {mib / 1024:.2f}" for phase, mib in stepped.phase_peaks.items() if phase != "other")
+           + f")\n\n```\n{table}\n```\n")
     del trainer, model, train_data, batches
     gc.collect()
     return out
