@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import recbole_llm  # noqa: F401,I001  (before torch: huge pages for large tensors; compat shims)
 import torch
 
-import recbole_llm  # noqa: F401
 from recbole_llm.quick_start import build_model_and_data, comparison_protocol, git_commit, make_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

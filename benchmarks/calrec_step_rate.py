@@ -18,7 +18,8 @@ from itertools import islice
 import psutil
 
 import recbole_llm  # noqa: F401  (compat shims first)
-from recbole_llm.quick_start import build_model_and_data, make_config, release_memory
+from recbole_llm.memory import release_memory
+from recbole_llm.quick_start import build_model_and_data, make_config
 from recbole_llm.registry import get_trainer
 
 from profile_step import step  # noqa: E402  (same folder)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import recbole_llm  # noqa: F401,I001  (before torch: huge pages for large tensors; compat shims)
 import torch
 
-import recbole_llm  # noqa: F401
 from recbole_llm.model.calrec import CALRecTrainer, TextBatch
 from recbole_llm.quick_start import build_model_and_data, git_commit, make_config
 

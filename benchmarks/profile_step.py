@@ -20,11 +20,12 @@ import gc
 import time
 
 import psutil
+import recbole_llm  # noqa: F401,I001  (before torch: huge pages for large tensors; compat shims)
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import recbole_llm  # noqa: F401  (compat shims first)
-from recbole_llm.quick_start import PeakMemory, build_model_and_data, git_commit, make_config
+from recbole_llm.memory import PeakMemory
+from recbole_llm.quick_start import build_model_and_data, git_commit, make_config
 from recbole_llm.registry import get_trainer
 from recbole_llm.settings import parse_value
 
@@ -53,12 +54,9 @@ class PhasePeaks(PeakMemory):
         super().__init__(interval)
         self.phase, self.phase_peaks = "other", {}
 
-    def _sample(self):
-        while not self._stop.is_set():
-            rss = self._process.memory_info().rss / 2**20
-            self.peak_rss_mib = max(self.peak_rss_mib, rss)
-            self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0.0), rss)
-            self._stop.wait(self._interval)
+    def record(self, rss_mib: float) -> None:
+        super().record(rss_mib)
+        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0.0), rss_mib)
 
 
 def step(trainer, loss_func, window, peaks: PhasePeaks | None = None) -> tuple[int, int, int]:

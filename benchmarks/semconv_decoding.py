@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+import recbole_llm  # noqa: F401,I001  (before torch: huge pages for large tensors; compat shims)
 import torch
 
-import recbole_llm  # noqa: F401
 from recbole_llm.quick_start import build_model_and_data, git_commit, load_model, make_config
 from recbole_llm.serving import TopKCache, export_top_k
 from recbole_llm.fingerprint import run_fingerprint

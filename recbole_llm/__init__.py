@@ -1,10 +1,15 @@
 """recbole_llm: LLM-based recommenders as a RecBole 1.2.1 plugin.
 
-Importing the package first applies the compatibility shims in :mod:`recbole_llm.compat` (numpy 2, torch >= 2.6,
+Importing the package first asks torch for huge pages under large CPU tensors (:mod:`recbole_llm.memory`), then
+applies the compatibility shims in :mod:`recbole_llm.compat` (numpy 2, torch >= 2.6,
 hyperopt >= 0.2.6, scipy >= 1.13), so RecBole runs on a current stack.
 """
 
-from recbole_llm import compat  # noqa: F401  (must come first: patches RecBole before anything uses it)
+from recbole_llm.memory import huge_pages_for_large_tensors
+
+huge_pages_for_large_tensors()  # before torch is imported (torch reads it at its first allocation)
+
+from recbole_llm import compat  # noqa: F401,E402  (patches RecBole before anything uses it)
 from recbole_llm import metrics  # noqa: F401,E402  (registers Accuracy with RecBole's evaluator)
 
 __version__ = "0.1.0"

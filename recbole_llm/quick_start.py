@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import ctypes
-import gc
 import inspect
 import json
 import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from logging import getLogger
 from pathlib import Path
 
-import torch
 from recbole.data import data_preparation
 from recbole.utils import ModelType, init_logger, init_seed, set_color
 
@@ -34,6 +30,7 @@ from recbole_llm.data.assets import check_interaction_columns, ensure_dataset_fi
 from recbole_llm.registry import create_dataset, get_model, get_trainer
 from recbole_llm.protocol import apply_history_exclusion, protocol_of
 from recbole_llm.errors import UsageError
+from recbole_llm.memory import PeakMemory
 from recbole_llm.metrics import auc_standard_error, evaluation_units
 from recbole_llm.settings import SettingError, closest
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
@@ -61,52 +58,6 @@ def make_config(model=None, dataset=None, config_file_list=None, config_dict=Non
     ensure_dataset_files(config["dataset"], config["data_path"], benchmark)
     check_interaction_columns(config)
     return config
-
-
-def release_memory() -> None:
-    """Give freed memory back to the operating system: Python's cycles, then glibc's heap (``malloc_trim``), where
-    tensors below glibc's mmap threshold (up to 32 MiB) stay resident after they are freed. Without it a model
-    run after another in one process (a comparison, ``make demo``) starts at the first one's high-water mark, and
-    its measured peak is the sum of both; CUDA's cache is emptied too."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class PeakMemory:
-    """Peak resident memory of this process (sampled every 20 ms) and peak CUDA memory, within a ``with`` that
-    starts by releasing the memory earlier work freed (:func:`release_memory`)."""
-
-    def __init__(self, interval: float = 0.02):
-        import psutil
-
-        self._process = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.peak_rss_mib = 0.0
-        self.peak_gpu_mib = None
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak_rss_mib = max(self.peak_rss_mib, self._process.memory_info().rss / 2**20)
-            self._stop.wait(self._interval)
-
-    def __enter__(self):
-        release_memory()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss_mib = max(self.peak_rss_mib, self._process.memory_info().rss / 2**20)
-        if torch.cuda.is_available():
-            self.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
 
 
 def _reset_logger(config) -> logging.Logger:

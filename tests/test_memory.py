@@ -1,14 +1,18 @@
-"""A run measured after another starts from memory given back, not from the earlier run's high-water mark."""
+"""A run measured after another starts from memory given back, not from the earlier run's high-water mark; large
+tensors sit on huge pages (the allocator setting that keeps CALRec's cpu preset under 4 GiB)."""
 
 import ctypes.util
 import gc
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from recbole_llm.quick_start import PeakMemory
+from recbole_llm.memory import PeakMemory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None,
@@ -29,3 +33,41 @@ def test_a_measured_run_starts_with_freed_tensors_given_back():
     assert held - before > 1000  # freed, yet still resident: what the next run of a comparison would start from
     assert memory.peak_rss_mib < before + 300  # given back when the measurement started
     del pins
+
+
+HUGE_PAGES_PROBE = """
+import recbole_llm, torch
+def huge_mib():
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages")) / 1024
+before = huge_mib()
+block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+print(huge_mib() - before)
+"""
+
+
+def _thp_available() -> bool:
+    from recbole_llm.memory import THP_SETTING
+
+    try:
+        return "[never]" not in THP_SETTING.read_text() and Path("/proc/self/smaps_rollup").exists()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _thp_available(),
+                    reason="the kernel offers no transparent huge pages")
+@pytest.mark.parametrize("user_setting, expect_huge", [(None, True), ("0", False)])
+def test_importing_the_package_first_backs_large_tensors_with_huge_pages(user_setting, expect_huge):
+    # the kernel's own count of huge pages under the process's anonymous memory, in a fresh interpreter where
+    # recbole_llm is imported before torch (as run_recbole_llm.py does); the user's THP_MEM_ALLOC_ENABLE=0 wins
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user_setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_setting
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    huge_mib = float(out.split()[-1])
+    if expect_huge:
+        assert huge_mib >= 32  # most of the 64 MiB block (compaction may not find every 2 MiB page)
+    else:
+        assert huge_mib < 4
