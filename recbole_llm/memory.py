@@ -16,26 +16,29 @@ from pathlib import Path
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def huge_pages_for_large_tensors() -> bool:
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``), or None where there is none
+    to read (not Linux, or a kernel built without them)."""
+    try:
+        text = THP_SETTING.read_text()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def huge_pages_for_large_tensors() -> None:
     """Ask torch's CPU allocator to back tensors of 2 MiB or more with transparent huge pages (its
-    ``THP_MEM_ALLOC_ENABLE``: page-aligned blocks advised ``MADV_HUGEPAGE``), unless the user chose already.
+    ``THP_MEM_ALLOC_ENABLE``: page-aligned blocks advised ``MADV_HUGEPAGE``), unless the user chose already
+    (``THP_MEM_ALLOC_ENABLE=0`` keeps it off).
 
     Measured on CALRec's cpu-preset training step (BENCHMARKS.md, issue 18 item 5; full fine-tuning, activations
     checkpointed): peak resident memory 4.7-4.9 GiB with glibc's defaults, 3.5 GiB with huge pages, and no slower
     (a fixed 1 MiB mmap threshold gives 3.1 GiB but costs a third more time in page faults without huge pages).
     torch reads the variable at its first allocation, so this only takes effect before torch is imported (the
-    package's ``__init__`` calls it first); nothing changes where the kernel offers no transparent huge pages.
-    Returns whether the setting is on for this process (``THP_MEM_ALLOC_ENABLE=0`` in the environment keeps it
-    off)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        available = "[never]" not in THP_SETTING.read_text()
-    except OSError:
-        available = False
-    if available and "torch" not in sys.modules:
+    package's ``__init__`` calls it first); nothing changes where the kernel offers no transparent huge pages."""
+    if thp_mode() in ("always", "madvise") and "torch" not in sys.modules:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" and available
 
 
 def release_memory() -> None:

@@ -12,7 +12,8 @@ import psutil
 import pytest
 import torch
 
-from recbole_llm.memory import PeakMemory
+import recbole_llm
+from recbole_llm.memory import PeakMemory, thp_mode
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None,
@@ -37,6 +38,7 @@ def test_a_measured_run_starts_with_freed_tensors_given_back():
 
 HUGE_PAGES_PROBE = """
 import recbole_llm, torch
+print(recbole_llm.__file__)
 def huge_mib():
     with open("/proc/self/smaps_rollup") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages")) / 1024
@@ -46,31 +48,23 @@ print(huge_mib() - before)
 """
 
 
-def _thp_available() -> bool:
-    from recbole_llm.memory import THP_SETTING
-
-    try:
-        return "[never]" not in THP_SETTING.read_text() and Path("/proc/self/smaps_rollup").exists()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _thp_available(),
+@pytest.mark.skipif(thp_mode() not in ("always", "madvise") or not Path("/proc/self/smaps_rollup").exists(),
                     reason="the kernel offers no transparent huge pages")
 @pytest.mark.parametrize("user_setting, expect_huge", [(None, True), ("0", False)])
 def test_importing_the_package_first_backs_large_tensors_with_huge_pages(user_setting, expect_huge):
     # the kernel's own count of huge pages under the process's anonymous memory, in a fresh interpreter where
     # recbole_llm is imported before torch (as run_recbole_llm.py does); the user's THP_MEM_ALLOC_ENABLE=0 wins
-    from recbole_llm.memory import THP_SETTING
-
-    if not expect_huge and "[madvise]" not in THP_SETTING.read_text():
+    if not expect_huge and thp_mode() != "madvise":
         pytest.skip("the kernel puts huge pages under every large block ([always]): nothing to tell apart")
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if user_setting is not None:
         env["THP_MEM_ALLOC_ENABLE"] = user_setting
     out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], env=env, capture_output=True, text=True,
                          check=True).stdout
-    huge_mib = float(out.split()[-1])
+    package_file, huge_mib = out.split()[-2], float(out.split()[-1])
+    # a child started elsewhere imports the installed package: a stale editable install (one made from a worktree
+    # since deleted) resolves to an empty namespace package that sets nothing
+    assert package_file == recbole_llm.__file__, f"the child imported {package_file}: reinstall (make install)"
     if expect_huge:
         assert huge_mib >= 32  # most of the 64 MiB block (compaction may not find every 2 MiB page)
     else:
