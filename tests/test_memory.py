@@ -61,7 +61,7 @@ def test_importing_the_package_first_backs_large_tensors_with_huge_pages(user_se
         env["THP_MEM_ALLOC_ENABLE"] = user_setting
     out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], env=env, capture_output=True, text=True,
                          check=True).stdout
-    package_file, huge_mib = out.split()[-2], float(out.split()[-1])
+    package_file, huge_mib = out.splitlines()[-2], float(out.splitlines()[-1])  # (a path may hold spaces)
     # a child started elsewhere imports the installed package: a stale editable install (one made from a worktree
     # since deleted) resolves to an empty namespace package that sets nothing
     assert package_file == recbole_llm.__file__, f"the child imported {package_file}: reinstall (make install)"

@@ -4,7 +4,6 @@ the checkpoint round trip."""
 
 from __future__ import annotations
 
-import json
 import re
 from types import SimpleNamespace
 
@@ -251,6 +250,28 @@ def test_oracle_labels_through_predict_and_recboles_evaluator(rallrec_config, mo
     assert result["auc"] == 1.0 and result["accuracy"] == 1.0 and result["logloss"] < 0.02
     scores = torch.cat(seen)
     assert len(scores) == 64 and ((scores > 0) & (scores < 1)).all()  # P(Yes) of the real model, in (0, 1)
+
+
+def test_batched_scoring_gives_each_prompt_what_it_gets_alone(rallrec_config):
+    """P(Yes) of prompts of different lengths scored in shared passes (sorted, padded) is what a plain forward pass
+    over each prompt alone gives, in the prompts' order, for a rotary (Llama) and an absolute-position (GPT-2)
+    backbone: padding must shift no prompt's positions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, model, (_, _, test) = build_rallrec(rallrec_config)
+    prompts = model.prompts(test.dataset.inter_feat[torch.arange(10)], "rerank")
+    prompts = [p[: len(p) - 3 * i] for i, p in enumerate(prompts)]  # lengths spread further, unsorted
+    assert len({len(p) for p in prompts}) == 10
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=model.llm.config.vocab_size, n_embd=32, n_layer=2, n_head=2,
+                                      n_positions=512)).eval()
+    torch.manual_seed(0)
+    for llm in (model.llm, gpt2):
+        model.llm, model.score_batch_size = llm, 4
+        alone = torch.stack([llm(input_ids=torch.tensor([p])).logits[0, -1, [model.yes, model.no]].softmax(-1)[0]
+                             for p in prompts])
+        batched = model.yes_probability(prompts)
+        assert alone.std() > 1e-4  # the prompts score differently, so an order mix-up shows
+        torch.testing.assert_close(batched, alone.detach(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,11 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def last_positions(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state at each row's last real token of a right-padded batch, ``[B, H]``."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(1) - 1]
+
+
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden [B, L, H]`` over the positions where ``mask [B, L]`` is 1; ``[B, H]``."""
     mask = mask.to(hidden.dtype).unsqueeze(-1)

@@ -37,8 +37,8 @@ from recbole_llm.llm.backbone import autocast, backbone_from_config
 from recbole_llm.locks import build_once
 from recbole_llm.llm.descriptions import Decoding, chat_prompt, generation_key, write_texts
 from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, predicted_positions, response_token_losses
-from recbole_llm.llm.generation import left_pad
-from recbole_llm.llm.pooling import decoder_and_head, masked_mean, mean_pooled_embeddings
+from recbole_llm.llm.generation import pad_sequences
+from recbole_llm.llm.pooling import decoder_and_head, last_positions, masked_mean, mean_pooled_embeddings
 from recbole_llm.losses import info_nce
 from recbole_llm.registry import register_model
 from recbole_llm.settings import SettingError
@@ -466,15 +466,19 @@ class RALLRec(SequentialRecommender):
     # ---------------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
     def yes_probability(self, prompts: list[list[int]]) -> torch.Tensor:
-        """P(Yes) = softmax over the Yes/No logits after each prompt, ``[B]``; one forward pass per chunk."""
+        """P(Yes) = softmax over the Yes/No logits after each prompt, ``[B]`` in the prompts' order. Prompts of
+        similar length share a forward pass (sorted, right-padded: little padding, and every prompt at the positions
+        it had in training, whatever the backbone's position encoding); the LM head runs on the last tokens only."""
         decoder, lm_head = decoder_and_head(self.llm)
-        out = []
-        for start in range(0, len(prompts), self.score_batch_size):
-            ids, mask = left_pad(prompts[start: start + self.score_batch_size], self.pad, self.device)
-            last = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = torch.empty(len(prompts), device=self.device)
+        for start in range(0, len(order), self.score_batch_size):
+            rows = torch.tensor(order[start: start + self.score_batch_size], device=self.device)
+            ids, mask = pad_sequences([prompts[i] for i in rows.tolist()], self.pad, device=self.device)
+            last = last_positions(decoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
             logits = lm_head(last)[:, [self.yes, self.no]].float()
-            out.append(torch.softmax(logits, dim=-1)[:, 0])
-        return torch.cat(out)
+            out[rows] = torch.softmax(logits, dim=-1)[:, 0]
+        return out
 
     def predict(self, interaction):
         start = time.perf_counter()
