@@ -259,12 +259,13 @@ def test_batched_scoring_gives_each_prompt_what_it_gets_alone(rallrec_config):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     _, model, (_, _, test) = build_rallrec(rallrec_config)
+    model.eval()  # no adapter dropout
     prompts = model.prompts(test.dataset.inter_feat[torch.arange(10)], "rerank")
     prompts = [p[: len(p) - 3 * i] for i, p in enumerate(prompts)]  # lengths spread further, unsorted
     assert len({len(p) for p in prompts}) == 10
+    torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=model.llm.config.vocab_size, n_embd=32, n_layer=2, n_head=2,
                                       n_positions=512)).eval()
-    torch.manual_seed(0)
     for llm in (model.llm, gpt2):
         model.llm, model.score_batch_size = llm, 4
         alone = torch.stack([llm(input_ids=torch.tensor([p])).logits[0, -1, [model.yes, model.no]].softmax(-1)[0]
