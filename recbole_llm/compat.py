@@ -14,9 +14,9 @@ and has a test in ``tests/test_compat.py`` that fails without it.
 * scipy >= 1.13 removed ``dok_matrix._update``, used by LightGCN, NGCF, GCMC, NCL, SpectralCF, ...
 * ``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)`` when it is
   imported, and RecBole imports it for any model it resolves by name (``get_model("DIN")`` too): from then on
-  autograd checks every backward output for NaN and keeps a Python traceback per operation, which made every
-  training run after it 1.5x slower (RALLRec's ``cpu-2h`` step: 28.9 s against 19.3, BENCHMARKS.md). The package
-  is imported here, and anomaly detection put back as it was.
+  autograd checks every backward output for NaN and keeps a Python traceback per operation, which slowed every
+  training run after it (RALLRec's ``cpu-2h`` step 1.5x: 28.9 s against 19.3; SemConv's ``cpu-2h`` run 8 %;
+  BENCHMARKS.md). The package is imported here, and anomaly detection put back as it was.
 * ``recbole.quick_start`` imports ray 2.6.3 (broken on numpy 2 / setuptools >= 82); recbole_llm never
   imports it and ships its own quick start.
 * the warnings RecBole and the libraries under it raise about their *own* code on today's stack (a deprecated

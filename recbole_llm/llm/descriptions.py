@@ -101,8 +101,9 @@ def _generate_into(llm, tokenizer, prompts, keys, file: Path, decoding: Decoding
     if done:
         logger.info("Resuming %s: %d of %d texts already written", partial, len(keys) - len(todo), len(keys))
     # minutes to hours on a CPU (an item's text is a sampled generation): say so even with progress bars off
-    logger.info("Writing %d item texts of up to %d tokens into %s (batches of %d)", len(todo),
-                decoding.max_new_tokens, file, batch_size)
+    if todo:
+        logger.info("Writing %d item texts of up to %d tokens into %s (batches of %d)", len(todo),
+                    decoding.max_new_tokens, file, batch_size)
     file.parent.mkdir(parents=True, exist_ok=True)
     device = next(llm.parameters()).device
     todo.sort(key=lambda i: len(prompts[i]))  # similar lengths per batch: less padding

@@ -473,11 +473,11 @@ class RALLRec(SequentialRecommender):
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out = torch.empty(len(prompts), device=self.device)
         for start in range(0, len(order), self.score_batch_size):
-            rows = torch.tensor(order[start: start + self.score_batch_size], device=self.device)
-            ids, mask = pad_sequences([prompts[i] for i in rows.tolist()], self.pad, device=self.device)
+            rows = order[start: start + self.score_batch_size]
+            ids, mask = pad_sequences([prompts[i] for i in rows], self.pad, device=self.device)
             last = last_positions(decoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
             logits = lm_head(last)[:, [self.yes, self.no]].float()
-            out[rows] = torch.softmax(logits, dim=-1)[:, 0]
+            out[torch.tensor(rows, device=self.device)] = torch.softmax(logits, dim=-1)[:, 0]
         return out
 
     def predict(self, interaction):
