@@ -355,7 +355,7 @@ class ILM(BeamRanking, SequentialRecommender):
         self._item_text(config, dataset)
         self._prepare_prompts()
         self._training_data(config, dataset)
-        self.last_batch_tokens = 0
+        self.last_batch_tokens = self.last_batch_targets = 0
         self.last_task_counts = None
 
     # ------------------------------------------------------------------------------------------- item text
@@ -562,6 +562,7 @@ class ILM(BeamRanking, SequentialRecommender):
     def batch_loss(self, batch: SlotBatch) -> torch.Tensor:
         """Mean cross-entropy of the response tokens, the soft tokens written into the frozen LLM's inputs."""
         self.last_batch_tokens, self.last_batch_predictions = int(batch.mask.sum()), predicted_positions(batch)
+        self.last_batch_targets = len(batch.ids)  # one response (a next item, an item's text, a liked item) each
         return response_token_losses(self.llm, batch, inputs_embeds=self.input_embeddings(batch)).mean()
 
     def calculate_loss(self, interaction):

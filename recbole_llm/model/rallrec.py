@@ -247,7 +247,7 @@ class RALLRec(SequentialRecommender):
         vectors, self.representation_report = self._item_vectors(config, dataset)
         self.register_buffer("item_vectors", vectors)  # [n_items, d], L2-normalised rows
         self._train_examples, self._train_source = None, None
-        self.last_batch_tokens = 0
+        self.last_batch_tokens = self.last_batch_targets = 0
         self.scored_rows, self.scoring_seconds = 0, 0.0
 
     # ---------------------------------------------------------------------------------------------- inputs
@@ -453,7 +453,9 @@ class RALLRec(SequentialRecommender):
         return batches
 
     def batch_loss(self, batch: TokenBatch) -> torch.Tensor:
+        """Mean cross-entropy of each prompt's answer token; a prompt is one training target (one labelled row)."""
         self.last_batch_tokens, self.last_batch_predictions = int(batch.mask.sum()), predicted_positions(batch)
+        self.last_batch_targets = len(batch.ids)
         return response_token_losses(self.llm, batch).mean()
 
     def calculate_loss(self, interaction):
