@@ -479,7 +479,7 @@ class RALLRec(SequentialRecommender):
             ids, mask = pad_sequences([prompts[i] for i in rows], self.pad, device=self.device)
             last = last_positions(decoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
             logits = lm_head(last)[:, [self.yes, self.no]].float()
-            out[torch.tensor(rows, device=self.device)] = torch.softmax(logits, dim=-1)[:, 0]
+            out[rows] = torch.softmax(logits, dim=-1)[:, 0]
         return out
 
     def predict(self, interaction):
