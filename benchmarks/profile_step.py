@@ -28,6 +28,7 @@ from recbole_llm.memory import PeakMemory
 from recbole_llm.quick_start import build_model_and_data, git_commit, make_config
 from recbole_llm.registry import get_trainer
 from recbole_llm.settings import parse_value
+from recbole_llm.trainer.llm_trainer import clear_batch_counts, take_batch_counts
 
 from calrec_ml100k import machine  # noqa: E402  (same folder)
 
@@ -67,14 +68,14 @@ def step(trainer, loss_func, window, peaks: PhasePeaks | None = None) -> tuple[i
     mark = (lambda phase: setattr(peaks, "phase", phase)) if peaks is not None else (lambda phase: None)
     for batch in window:
         mark("forward")
+        clear_batch_counts(trainer.model)
         with trainer.autocast():
             losses = loss_func(batch.to(trainer.device) if hasattr(batch, "to") else batch)
             loss = sum(losses) if isinstance(losses, tuple) else losses
         mark("backward")
         (loss / len(window)).backward()
-        tokens += int(getattr(trainer.model, "last_batch_tokens", 0))
-        predictions += int(getattr(trainer.model, "last_batch_predictions", 0))
-        targets += int(getattr(trainer.model, "last_batch_targets", 0))
+        batch_tokens, batch_targets, batch_predictions = take_batch_counts(trainer.model)
+        tokens, predictions, targets = tokens + batch_tokens, predictions + batch_predictions, targets + batch_targets
     if trainer.clip_grad_norm:
         torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters, **trainer.clip_grad_norm)
     mark("optimizer")

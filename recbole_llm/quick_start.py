@@ -179,6 +179,9 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "test_rows": distributed.total(len(test_data.dataset)),
         "processes": distributed.world_size(),
         "test_auc_se": auc_se,
+        # LLM trainers: the training tokens and targets the model counted (RecBole's trainers: None), and their rates
+        "train_tokens": getattr(trainer, "train_tokens", None),
+        "train_targets": getattr(trainer, "train_targets", None),
         "train_tokens_per_second": _per_second(trainer, "train_tokens"),
         "train_targets_per_second": _per_second(trainer, "train_targets"),
         # the backbone's FLOPs per training token, FLOP/s reached, the matmul peak and MFU (LLM trainers)

@@ -75,6 +75,10 @@ def test_rerun_resumes_instead_of_retraining(toy_config):
     first = run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**toy_config, "epochs": 1})
     meta = json.loads((_run_dir(toy_config) / "last" / "recbole_llm.json").read_text())
     assert meta["epoch"] == 0
+    config = make_config("ToyLLMRec", "ml-tiny", config_dict=toy_config)
+    # the toy counts one target a row of RecBole's training batches (point-wise: each positive and its negative)
+    train_rows = sum(len(batch) for batch in data_preparation(config, create_dataset(config))[0])
+    assert first["train_targets"] == train_rows
 
     second = run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**toy_config, "epochs": 2})
     meta = json.loads((_run_dir(toy_config) / "last" / "recbole_llm.json").read_text())
@@ -82,6 +86,7 @@ def test_rerun_resumes_instead_of_retraining(toy_config):
     # the record covers the whole run: the first run's epoch and validation come back with the resume point
     assert [epoch for epoch, _ in second["train_losses"]] == [0, 1]
     assert [epoch for epoch, _ in second["valid_scores"]] == [0, 1]
+    assert second["train_targets"] == 2 * train_rows and second["train_tokens"] > first["train_tokens"] > 0
     assert {row[1] for row in second["train_batch_losses"]} == {0, 1}
 
     third = run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**toy_config, "epochs": 2})
@@ -89,6 +94,26 @@ def test_rerun_resumes_instead_of_retraining(toy_config):
     assert third["train_seconds"] < second["train_seconds"]
     # the resumed run kept the first run's best (RecBole's max over epochs), so it can only have improved
     assert second["best_valid_score"] >= first["best_valid_score"]
+
+
+@pytest.mark.parametrize("forgets", ["every batch", "after the first batch"])
+def test_a_model_that_counts_tokens_but_not_targets_is_refused_as_a_bug(toy_config, monkeypatch, forgets):
+    # a model counting its tokens and not its targets would record no targets/s without a word; one that counts them
+    # once must not have its first count read again for every later batch
+    original, calls = toy_llm.ToyLLMRec.calculate_loss, []
+
+    def forgetful(self, interaction):
+        before = getattr(self, "last_batch_targets", None)
+        loss = original(self, interaction)  # counts tokens and targets
+        if forgets == "every batch" or calls:
+            self.last_batch_targets = before  # as if this batch never counted them
+        calls.append(1)
+        return loss
+
+    monkeypatch.setattr(toy_llm.ToyLLMRec, "calculate_loss", forgetful)
+    with pytest.raises(RuntimeError, match="ToyLLMRec set last_batch_tokens but not last_batch_targets"):
+        run_recbole_llm("ToyLLMRec", "ml-tiny", config_dict={**toy_config, "train_batch_size": 64})
+    assert len(calls) == (1 if forgets == "every batch" else 2)
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(toy_config, tmp_path):

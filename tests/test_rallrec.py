@@ -332,7 +332,8 @@ def test_run_recbole_llm_reports_ctr_metrics_on_the_sampled_rows(rallrec_config)
     assert set(record["test_result"]) == {"auc", "logloss", "accuracy"} and record["test_rows"] == 64
     report = record["model_report"]
     assert report["train_prompts"] == 48 and report["score_prompts_per_second"] > 0
-    assert record["train_targets_per_second"] > 0  # each prompt counts as a target (None when the model counts none)
+    # each prompt counts as a target: rallrec_train_samples prompts in the run's one epoch
+    assert record["train_targets"] == 48 and record["train_targets_per_second"] > 0
 
 
 def test_qlora_4bit_backbone_trains_and_scores(rallrec_config, tmp_path):

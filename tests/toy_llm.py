@@ -50,6 +50,7 @@ class ToyLLMRec(SequentialRecommender):
 
     def calculate_loss(self, interaction):
         user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        self.last_batch_targets = len(user)  # one next item a row
         return self.loss_fct(user @ self.item_embedding.weight.T, interaction[self.POS_ITEM_ID])
 
     def predict(self, interaction):

@@ -432,7 +432,6 @@ class CALRec(SequentialRecommender):
             r"\b(?:" + "|".join(map(re.escape, text_builder.labels)) + r")\s*:", re.IGNORECASE
         ) if text_builder.labels and not self.index_labels else None
         self.bm25 = BM25Index([tokenize(text) for text in documents[1:]])  # column j is item j + 1
-        self.last_batch_tokens = self.last_batch_targets = self.last_batch_predictions = 0
         self._packed, self._packed_source = None, None
 
     # ---------------------------------------------------------------------------------------------- towers

@@ -355,7 +355,6 @@ class ILM(BeamRanking, SequentialRecommender):
         self._item_text(config, dataset)
         self._prepare_prompts()
         self._training_data(config, dataset)
-        self.last_batch_tokens = self.last_batch_targets = 0
         self.last_task_counts = None
 
     # ------------------------------------------------------------------------------------------- item text

@@ -247,7 +247,6 @@ class RALLRec(SequentialRecommender):
         vectors, self.representation_report = self._item_vectors(config, dataset)
         self.register_buffer("item_vectors", vectors)  # [n_items, d], L2-normalised rows
         self._train_examples, self._train_source = None, None
-        self.last_batch_tokens = self.last_batch_targets = 0
         self.scored_rows, self.scoring_seconds = 0, 0.0
 
     # ---------------------------------------------------------------------------------------------- inputs

@@ -218,7 +218,6 @@ class SemConv(BeamRanking, SequentialRecommender):
         self.code_rows = self.code_ids if config["semconv_code_softmax"] == "codes" else None
         self._prepare_tokens()
         self.trie = TokenTrie(self.code_tokens[1:], end_token=self.eos)  # trie rows are items 1..n-1
-        self.last_batch_tokens = 0
         self.last_task_counts = None
 
     def _check_catalogue_fits(self, config) -> None:

@@ -5,8 +5,9 @@ RecBole's ``fit`` loop (validation, early stopping, logging) is kept as is; only
 * ``_build_optimizer``: optimises trainable parameters only (LoRA adapters, heads), not the frozen backbone.
 * ``_train_epoch``: a model's own examples per epoch when it has ``epoch_batches`` / ``batch_loss``
   (:mod:`recbole_llm.llm.examples`), gradient accumulation, bf16 autocast where the hardware has native bf16, clipping over trainable parameters,
-  a progress bar with the running loss, and throughput in tokens and targets (``model.last_batch_tokens`` and
-  ``model.last_batch_targets``, where the model sets them).
+  a progress bar with the running loss, and throughput in tokens and targets (:func:`take_batch_counts`: the
+  ``model.last_batch_tokens``, ``last_batch_targets`` and ``last_batch_predictions`` of each batch, where the model
+  sets them).
 * ``_save_checkpoint`` / ``evaluate``: checkpoints are safetensors directories holding only trainable weights
   (see :mod:`recbole_llm.trainer.checkpoint`); nothing is pickled.
 * resume: after every epoch the trainer writes ``<run dir>/last`` (weights, optimizer, progress); a rerun of the
@@ -152,6 +153,26 @@ def add_losses(total, values):
     return tuple(a + b for a, b in zip(total, values)) if isinstance(values, tuple) else total + values
 
 
+BATCH_COUNTS = ("last_batch_tokens", "last_batch_targets", "last_batch_predictions")
+
+
+def clear_batch_counts(model) -> None:
+    """Forget the counts of the model's previous batch, so :func:`take_batch_counts` never reads one twice."""
+    for name in BATCH_COUNTS:
+        setattr(model, name, None)
+
+
+def take_batch_counts(model) -> tuple[int, int, int]:
+    """The training tokens, targets and LM-head positions a model reported for the batch it just ran (after
+    :func:`clear_batch_counts`); 0 for what it does not report. A model that reports tokens must report targets:
+    else its run would record no targets/s without a word, a bug of the model, raised as one."""
+    tokens, targets, predictions = (getattr(model, name, None) for name in BATCH_COUNTS)
+    if tokens is not None and targets is None:
+        raise RuntimeError(f"{type(model).__name__} set last_batch_tokens but not last_batch_targets for its batch: "
+                           "a model that counts its training tokens must count the targets they train too")
+    return int(tokens or 0), int(targets or 0), int(predictions or 0)
+
+
 class LLMTrainer(Trainer):
     """Trainer for recbole_llm models; see the module docstring for what differs from RecBole's."""
 
@@ -248,6 +269,7 @@ class LLMTrainer(Trainer):
                 stepped += step.last_in_window
                 continue
             interaction = step.batch.to(self.device)
+            clear_batch_counts(self.model)
             # dropout masks drawn from the batch's own seed: the same whatever the number of processes
             torch.manual_seed(batch_seed(self.config["seed"], epoch_idx, salt, step.index))
             with self._gradient_sync(step.last_in_window), self.autocast():
@@ -266,9 +288,9 @@ class LLMTrainer(Trainer):
                 total_loss = add_losses(total_loss, tuple(l.item() for l in losses) if isinstance(losses, tuple)
                                         else loss.item())
                 batch_losses.append((loss_name, epoch_idx, step.index, loss.item()))
-                tokens += int(getattr(self.model, "last_batch_tokens", 0))
-                targets += int(getattr(self.model, "last_batch_targets", 0))
-                predictions += int(getattr(self.model, "last_batch_predictions", 0))
+                batch_tokens, batch_targets, batch_predictions = take_batch_counts(self.model)
+                tokens, targets, predictions = tokens + batch_tokens, targets + batch_targets, \
+                    predictions + batch_predictions
                 progress.set_postfix(loss=f"{loss.item():.4f}")
             if curve and step.last_in_window and stepped % self.curve_steps == 0 and stepped < n_steps:
                 # the epoch so far joins the run's totals, so the point and its resume point count it
