@@ -95,7 +95,8 @@ def curves_figure(records: list[dict]):
             for name, (xs, ys) in _batch_curves(record["train_batch_losses"]).items():
                 axes.plot(xs, ys, linewidth=1, label=f"train loss ({name})")
                 drawn = True
-        elif record.get("train_losses"):
+        elif any(_loss_value(loss) for _, loss in record.get("train_losses") or []):
+            # (a model with nothing to train, RecBole's Pop, logs a loss of 0 every epoch: no curve to draw)
             epochs = [epoch + 1 for epoch, _ in record["train_losses"]]
             axes.plot(epochs, [_loss_value(loss) for _, loss in record["train_losses"]], marker=".",
                       label="train loss (epoch sum)")

@@ -184,21 +184,23 @@ def test_learning_curves_draw_batch_losses_of_every_stage_and_the_valid_metric(t
            "train_batch_losses": [["stage_loss", 0, b, 3.0 - b / 10] for b in range(20)]
            + [["batch_loss", e, b, 2.0 - e - b / 20] for e in range(2) for b in range(10)],
            "valid_scores": [[0, 0.01], [1, 0.03]]}
-    baseline = {"model": "Pop", "valid_metric": "NDCG@10", "train_losses": [], "valid_scores": []}
+    # Pop as RecBole's trainer logs it: a loss of 0 (it trains nothing), one validation
+    baseline = {"model": "Pop", "valid_metric": "NDCG@10", "train_losses": [[0, 0.0]], "valid_scores": [[0, 0.0168]]}
     png_is_a_picture(plot_curves([llm, baseline], tmp_path / "curves.png"))
     curved = {**llm, "model": "SemConv", "valid_curve": [
         {"epochs": e, "optimizer_steps": int(10 * e), "valid_score": s} for e, s in ((0.5, 0.02), (1, 0.01), (2, 0.03))]}
     panels = curves_figure([llm, baseline, curved]).axes  # in drawing order: each panel, then its twin if any
-    assert [panel.get_title() for panel in panels] == ["CALRec", "", "Pop", "SemConv", ""]
+    assert [panel.get_title() for panel in panels] == ["CALRec", "", "Pop", "", "SemConv", ""]
     lines = {line.get_label(): line for line in panels[0].get_lines()}
     assert set(lines) == {"train loss (stage_loss)", "train loss (batch_loss)"}
     # each stage's batches spread over its epochs, ending at the epoch's end
     assert list(lines["train loss (batch_loss)"].get_xdata()[[0, 9, 10, 19]]) == pytest.approx([0.1, 1, 1.1, 2])
     assert lines["train loss (stage_loss)"].get_xdata()[-1] == pytest.approx(1)
-    assert not panels[2].get_lines()  # Pop: nothing trained, nothing validated
-    twins = [panels[1].get_lines()[0], panels[4].get_lines()[0]]
+    assert not panels[2].get_lines()  # Pop: no loss curve at 0, only its validation
+    twins = [panels[1].get_lines()[0], panels[3].get_lines()[0], panels[5].get_lines()[0]]
     assert {t.get_label() for t in twins} == {"valid NDCG@10"}
-    assert [list(t.get_xdata()) for t in twins] == [[1, 2], [0.5, 1, 2]]  # epoch ends, then the curve inside epochs
-    assert list(twins[1].get_ydata()) == [0.02, 0.01, 0.03]
+    # epoch ends, then the curve inside epochs
+    assert [list(t.get_xdata()) for t in twins] == [[1, 2], [1], [0.5, 1, 2]]
+    assert list(twins[2].get_ydata()) == [0.02, 0.01, 0.03]
     records = [{"model": m, "test_result": {"ndcg@10": v, "hit@10": 2 * v}} for m, v in (("A", 0.1), ("B", 0.2))]
     png_is_a_picture(plot_comparison(records, None, tmp_path / "bars.png"))
