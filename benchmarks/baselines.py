@@ -61,17 +61,24 @@ def results_name(family: str, dataset: str, rows: int | None) -> str:
     return f"{RESULTS}/baselines-{family}-{dataset}" + (f"-rows{rows}" if rows else "") + ".jsonl"
 
 
-def details(records, max_epochs: int) -> str:
-    """Per model: epochs trained, the best validation's epoch and score, and whether early stopping ended it (the
-    record's config leaves ``epochs`` out: it does not change what a run computes, so it comes from the command)."""
+def details(records, stopping_step: int) -> str:
+    """Per model: epochs trained, the best validation's epoch and score, and what ended the run. The best epoch is
+    the one whose weights RecBole tests: the last of equal best validations (its early stopping counts a tie as an
+    improvement); RecBole stops a run after more than ``stopping_step`` validations without one, so a run with fewer
+    after its best was ended by the epoch cap (``--epochs``) instead, not converged."""
     lines = ["| model | epochs trained | best epoch | best valid | stopped early |", "|---|---|---|---|---|"]
     for r in records:
         scores = r.get("valid_scores") or []
         trained = len(r.get("train_losses") or []) or len(scores)
-        best = max(scores, key=lambda s: s[1] if r["valid_score_bigger"] else -s[1]) if scores else None
-        stopped = trained < max_epochs
+        sign = 1 if r["valid_score_bigger"] else -1
+        best = max(reversed(scores), key=lambda s: sign * s[1]) if scores else None
+        after = sum(1 for s in scores if s[0] > best[0]) if best else 0
+        if after > stopping_step:
+            stopped = "yes"
+        else:  # RecBole's TraditionalTrainer (Pop) trains one epoch whatever the config
+            stopped = "no (one epoch)" if len(scores) == 1 else "no (the epoch cap ended it)"
         lines.append(f"| {r['model']} | {trained} | {best[0] + 1 if best else '–'} | "
-                     f"{r['best_valid_score']:.4f} | {'yes' if stopped else 'no'} |")
+                     f"{r['best_valid_score']:.4f} | {stopped} |")
     return "\n".join(lines)
 
 
@@ -106,10 +113,10 @@ def main(argv=None) -> None:
     if args.report:
         command = "python benchmarks/baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
         report_from_results(results, out, title=title, command=command, machine=machine(),
-                            details=lambda records: details(records, args.epochs))
+                            details=lambda records: details(records, args.stopping_step))
         return
     run_and_report(runs, args.dataset, protocol, script="benchmarks/baselines.py", argv=argv, results=results,
-                   out=out, title=title, details=lambda records: details(records, args.epochs), machine=machine())
+                   out=out, title=title, details=lambda records: details(records, args.stopping_step), machine=machine())
 
 
 if __name__ == "__main__":
