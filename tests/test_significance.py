@@ -202,5 +202,10 @@ def test_learning_curves_draw_batch_losses_of_every_stage_and_the_valid_metric(t
     # epoch ends, then the curve inside epochs
     assert [list(t.get_xdata()) for t in twins] == [[1, 2], [1], [0.5, 1, 2]]
     assert list(twins[2].get_ydata()) == [0.02, 0.01, 0.03]
+    # a run with nothing to draw (no loss above 0, no validation) says so instead of an empty panel
+    untrained = {"model": "Pop", "valid_metric": "NDCG@10", "train_losses": [[0, 0.0]], "valid_scores": []}
+    (panel,) = curves_figure([untrained]).axes
+    assert not panel.get_lines() and [t.get_text() for t in panel.texts] == ["no training curve"]
+    assert [t.get_text() for p in panels for t in p.texts] == []
     records = [{"model": m, "test_result": {"ndcg@10": v, "hit@10": 2 * v}} for m, v in (("A", 0.1), ("B", 0.2))]
     png_is_a_picture(plot_comparison(records, None, tmp_path / "bars.png"))
