@@ -110,13 +110,13 @@ def main(argv=None) -> None:
     runs = [(model, model, settings) for model in models]
     title = (f"Converged {args.family} baselines on {args.dataset} (early stopping: at most {args.epochs} epochs, "
              f"stopping_step {args.stopping_step})")
+    table = lambda records: details(records, args.stopping_step)  # noqa: E731
     if args.report:
         command = "python benchmarks/baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        report_from_results(results, out, title=title, command=command, machine=machine(),
-                            details=lambda records: details(records, args.stopping_step))
+        report_from_results(results, out, title=title, command=command, machine=machine(), details=table)
         return
     run_and_report(runs, args.dataset, protocol, script="benchmarks/baselines.py", argv=argv, results=results,
-                   out=out, title=title, details=lambda records: details(records, args.stopping_step), machine=machine())
+                   out=out, title=title, details=table, machine=machine())
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ def main(argv=None) -> None:
                         help="CTR: the protocol's sample of N valid and N test rows (the baselines trained with "
                              "baselines.py --family=ctr --eval_max_interactions=N); default every row")
     parser.add_argument("--report", action="store_true", help="train nothing: the report of the records so far")
-    parser.add_argument("--stopping_step", type=int, default=10, help="the baselines' early stopping (baselines.py's "
-                                                                        "--stopping_step), for their 'stopped early' column")
+    parser.add_argument("--stopping_step", type=int, default=10,
+                        help="the baselines' early stopping (baselines.py's --stopping_step), for their 'stopped "
+                             "early' column")
     args = parser.parse_args(argv)
 
     family = FAMILY[args.model]
@@ -67,8 +68,8 @@ def main(argv=None) -> None:
     title = (f"{args.model} at a 2-hour CPU budget (--preset={args.preset}) against RecBole's converged {family} "
              f"baselines on {args.dataset}")
     # the baselines' epochs and early stopping; the method's budget is its preset's epochs, drawn as its curve
-    both = lambda records: (details([r for r in records if r["model"] != args.model], args.stopping_step) + "\n"  # noqa: E731
-                            + curve_details(records))
+    both = lambda records: (  # noqa: E731
+        details([r for r in records if r["model"] != args.model], args.stopping_step) + "\n" + curve_details(records))
     if not args.report:
         protocol = family_protocol(family, args.dataset, args.eval_max_interactions)
         run_and_report([(args.model, args.model, {"preset": args.preset, "show_progress": False})], args.dataset,
