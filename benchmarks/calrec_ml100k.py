@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     started, commit = time.strftime("%Y-%m-%d %H:%M"), git_commit()  # the code that runs, not HEAD at the end
     records = [
         run_in_comparison(model, args.dataset, protocol, config_dict={**common, **overrides}, results_path=args.results,
-                          label=label)
+                          label=label, fresh_process=len(runs) > 1)
         for label, model, overrides in runs
     ]
 

@@ -29,15 +29,15 @@ def filter_runs(parser, runs: list[tuple[str, str, dict]], texts: list[str]) -> 
 
 def run_and_report(runs, dataset: str, protocol: dict, *, script: str, title: str, results: str, out: str,
                    details=lambda records: "", argv=None, machine: str = "") -> list[dict]:
-    """Run ``(label, model, settings)`` under ``protocol``; rewrite the markdown report at ``out`` after every run
-    (an interruption keeps what finished; the intervals and figures are made once, at the end) and append each
-    record to ``results``."""
+    """Run ``(label, model, settings)`` under ``protocol``, each in a fresh process when there are several (as a
+    comparison does); rewrite the markdown report at ``out`` after every run (an interruption keeps what finished;
+    the intervals and figures are made once, at the end) and append each record to ``results``."""
     started, commit = time.strftime("%Y-%m-%d %H:%M"), git_commit()
     command = f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv)
     records = []
     for number, (label, model, settings) in enumerate(runs, 1):
         records.append(run_in_comparison(model, dataset, protocol, config_dict=settings, results_path=results,
-                                         label=label))
+                                         label=label, fresh_process=len(runs) > 1))
         header = (
             f"{title}\n\n- command: `{command.strip()}`\n- commit: {commit}\n- machine: {machine}\n"
             f"- started: {started}\n- protocol: {protocol}\n- test rows per model: {records[-1]['test_rows']}"

@@ -34,6 +34,7 @@ from recbole_llm.memory import PeakMemory
 from recbole_llm.metrics import auc_standard_error, evaluation_units
 from recbole_llm.settings import SettingError, closest
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
+from recbole_llm.fresh_process import call_in_fresh_process
 from recbole_llm.trainer.checkpoint import CheckpointError, load_weights, read_meta
 from recbole_llm.trainer.parallel import parallel_trainer
 
@@ -267,27 +268,36 @@ class ComparisonInterrupted(KeyboardInterrupt):
         self.records, self.interrupted = records, interrupted
 
 
-def compare_models(models, dataset, config_file_list=None, config_dict=None, saved=True, results_path=None):
+def compare_models(models, dataset, config_file_list=None, config_dict=None, saved=True, results_path=None,
+                   fresh_processes: bool | None = None):
     """Run each model on the same dataset, split, metrics and history exclusion; return their records (also
-    appended to ``results_path``). Ctrl-C raises :class:`ComparisonInterrupted` with the finished records."""
+    appended to ``results_path``). Ctrl-C raises :class:`ComparisonInterrupted` with the finished records.
+
+    ``fresh_processes``: each model in its own process (:mod:`recbole_llm.fresh_process`), so no model starts from
+    another's leftovers and each peak memory is its own; the default when several models run in a single-process
+    run (a run of several processes keeps its models in its ranks' processes)."""
     protocol = comparison_protocol(models, dataset, config_file_list, config_dict)
+    if fresh_processes is None:
+        fresh_processes = len(models) > 1 and distributed.world_size() == 1
     records = []
     for name in models:
         try:
             records.append(run_in_comparison(name, dataset, protocol, config_file_list, config_dict, saved,
-                                             results_path))
+                                             results_path, fresh_process=fresh_processes))
         except KeyboardInterrupt:
             raise ComparisonInterrupted(records, name) from None
     return records
 
 
 def run_in_comparison(model, dataset, protocol, config_file_list=None, config_dict=None, saved=True,
-                      results_path=None, label=None) -> dict:
-    """One run of a comparison under its shared ``protocol``; ``label`` names the column (e.g. an ablation)."""
+                      results_path=None, label=None, fresh_process: bool = False) -> dict:
+    """One run of a comparison under its shared ``protocol``; ``label`` names the column (e.g. an ablation);
+    ``fresh_process``: the run in a new process (:func:`recbole_llm.fresh_process.call_in_fresh_process`)."""
     label = label or model
     if distributed.is_main():
         print(set_color(f"=== {label} on {dataset}", "green"), flush=True)
-    record = run_recbole_llm(model, dataset, config_file_list, {**(config_dict or {}), **protocol}, saved)
+    arguments = (model, dataset, config_file_list, {**(config_dict or {}), **protocol}, saved)
+    record = call_in_fresh_process(run_recbole_llm, *arguments) if fresh_process else run_recbole_llm(*arguments)
     record.update(model=label)
     if results_path:
         append_results(results_path, record)

@@ -67,6 +67,7 @@ from recbole_llm.errors import UsageError
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
 from recbole_llm.llm.backbone import autocast_dtype
 from recbole_llm.locks import exclusive
+from recbole_llm.memory import release_memory
 from recbole_llm.trainer import data_parallel
 from recbole_llm.trainer.resume import shuffle_generator
 from recbole_llm.trainer.checkpoint import (META, load_optimizer, load_weights, optimizer_state, read_meta,
@@ -470,6 +471,7 @@ class LLMTrainer(Trainer):
         )
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        release_memory()  # what an earlier phase freed (CALRec's Stage I, ILM's phase 1): not under this one's peak
         self._validating = bool(valid_data) and self.eval_step > 0
         self._scheduled = True
         self._curve_data = valid_data if self.curve_steps and valid_data else None
@@ -492,6 +494,7 @@ class LLMTrainer(Trainer):
             return super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        release_memory()  # what training freed, before the generation caches are built on top of it
         if load_best_model and eval_data:
             checkpoint = model_file or self.saved_model_file
             load_weights(checkpoint, self.model)
