@@ -4,6 +4,8 @@ named, Ctrl-C ends the child, and a model's measured peak no longer holds what t
 import gc
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -78,6 +80,32 @@ def test_ctrl_c_in_the_parent_ends_the_child(tmp_path, monkeypatch):
         call_in_fresh_process(sleep_after_writing_pid, str(pid_file))
     assert time.monotonic() - start < 60  # not the child's 120 s sleep
     assert not psutil.pid_exists(int(pid_file.read_text()))
+
+
+PARENT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_fresh_process import sleep_after_writing_pid
+from recbole_llm.fresh_process import call_in_fresh_process
+call_in_fresh_process(sleep_after_writing_pid, sys.argv[1])
+"""
+
+
+def test_a_child_does_not_outlive_a_parent_killed_outright(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(pid_file), str(Path(__file__).parent)])
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.1)
+    assert pid_file.exists(), "the child never started"
+    child = psutil.Process(int(pid_file.read_text()))
+    parent.kill()  # SIGKILL: no cleanup runs in the parent
+    parent.wait()
+    try:
+        child.wait(timeout=30)  # psutil.TimeoutExpired while it runs on
+    finally:
+        if child.is_running():
+            child.kill()
 
 
 def test_each_model_of_a_comparison_measures_its_own_peak_not_what_the_process_held_before(base_config):
