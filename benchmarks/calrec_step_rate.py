@@ -12,6 +12,8 @@ Settings as the first run (commit ``c94449f``: each user's latest 32 targets); r
 from __future__ import annotations
 
 import argparse
+import resource
+import tempfile
 import time
 from itertools import islice
 
@@ -26,8 +28,10 @@ from profile_step import step  # noqa: E402  (same folder)
 
 
 def build(**settings):
+    # a checkpoint folder of its own: Stage I trains here every time (not loaded from an earlier run's cache)
     config = make_config("CALRec", "ml-100k", config_dict={"preset": "cpu-2h", "show_progress": False,
-                                                          "state": "ERROR", "train_targets_per_user": 32, **settings})
+                                                          "state": "ERROR", "train_targets_per_user": 32,
+                                                          "checkpoint_dir": tempfile.mkdtemp(), **settings})
     _, (train_data, _, _), model = build_model_and_data(config)
     trainer = get_trainer(config["MODEL_TYPE"], "CALRec")(config, model)
     return trainer, model, train_data
@@ -41,12 +45,15 @@ def batches_at(model, train_data, indices) -> dict:
 
 
 def timed(label, trainer, model, batches) -> None:
-    start, tokens = time.perf_counter(), 0
+    """The steps' rate, and per step the page faults the process took and its system (kernel) seconds."""
+    before, start, tokens = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
     for batch in batches:
         tokens += step(trainer, model.batch_loss, [batch])[0]
-    seconds = time.perf_counter() - start
-    print(f"{label}: {seconds / len(batches):.2f} s/step, {tokens / len(batches):.0f} tokens/step, "
-          f"{tokens / seconds:.0f} tokens/s, resident {psutil.Process().memory_info().rss / 2**30:.1f} GiB", flush=True)
+    seconds, after, n = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF), len(batches)
+    print(f"{label}: {seconds / n:.2f} s/step, {tokens / n:.0f} tokens/step, {tokens / seconds:.0f} tokens/s, "
+          f"{(after.ru_minflt - before.ru_minflt) / n:.0f} page faults/step, "
+          f"{(after.ru_stime - before.ru_stime) / n:.2f} system s/step, "
+          f"resident {psutil.Process().memory_info().rss / 2**30:.1f} GiB", flush=True)
 
 
 def main(argv=None) -> None:

@@ -73,3 +73,34 @@ def test_tuning_selects_on_validation_and_writes_trials(base_config, capsys, tmp
     assert f"best parameters (selected on valid MRR@10): learning_rate:{best['params']['learning_rate']}" in (
         capsys.readouterr().out
     )
+
+
+def test_ctrl_c_during_a_comparison_keeps_the_finished_models_and_ends_every_process(base_config, tmp_path):
+    # as a user presses Ctrl-C: SIGINT to the whole foreground process group (the CLI and the model's process),
+    # once Pop's record is written and while BPR trains (up to 300 epochs)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    flags = _flags({**base_config, "epochs": 300, "stopping_step": 300})
+    cli = subprocess.Popen([sys.executable, "-m", "recbole_llm.cli", "--model=Pop,BPR", "--dataset=ml-tiny",
+                            "--results=r.jsonl", "--table=t.md", "--plots=off", *flags],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (Path("r.jsonl").exists() and Path("r.jsonl").read_text().strip()) and time.monotonic() < deadline:
+        assert cli.poll() is None, cli.communicate()
+        time.sleep(0.2)
+    time.sleep(3)  # BPR's process has started
+    children = psutil.Process(cli.pid).children(recursive=True)
+    os.killpg(cli.pid, signal.SIGINT)
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 130, err
+    assert "interrupted during BPR" in err
+    assert "| | Pop |" in out and "BPR |" not in out  # the table of the finished model only
+    assert "interrupted during BPR: finished runs only" in Path("t.md").read_text()
+    assert [json.loads(line)["model"] for line in Path("r.jsonl").read_text().splitlines()] == ["Pop"]
+    assert children and not [child for child in children if child.is_running() and child.status() != "zombie"]
