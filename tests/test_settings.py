@@ -4,7 +4,6 @@ tuning typos), the warning for items without text, and Ctrl-C keeping the finish
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -126,25 +125,6 @@ def test_many_items_without_text_are_warned_about(base_config, data_path, tmp_pa
     with caplog.at_level(logging.WARNING):
         texts = ItemTextBuilder(fields={"Title": "movie_title"}).build(dataset)
     assert "have no text" in caplog.text and "Title: unknown" in texts
-
-
-def test_ctrl_c_during_a_comparison_writes_the_table_of_the_finished_models(base_config, monkeypatch, capsys):
-    from recbole_llm import quick_start
-
-    run = quick_start.run_recbole_llm
-
-    def interrupted_on_bpr(model, *args, **kwargs):
-        if model == "BPR":
-            raise KeyboardInterrupt
-        return run(model, *args, **kwargs)
-
-    monkeypatch.setattr(quick_start, "run_recbole_llm", interrupted_on_bpr)
-    code = main(["--model=Pop,BPR", "--dataset=ml-tiny", "--table=partial.md", "--results=runs.jsonl",
-                 *_flags(base_config)])
-    assert code == 130
-    table = Path("partial.md").read_text()
-    assert "| | Pop |" in table and "BPR" not in table.split("\n\n", 1)[1] and "interrupted during BPR" in table
-    assert [json.loads(line)["model"] for line in Path("runs.jsonl").read_text().splitlines()] == ["Pop"]
 
 
 @pytest.mark.parametrize("model, extra, named", [
