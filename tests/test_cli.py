@@ -87,20 +87,36 @@ def test_ctrl_c_during_a_comparison_keeps_the_finished_models_and_ends_every_pro
     import psutil
 
     flags = _flags({**base_config, "epochs": 300, "stopping_step": 300})
-    cli = subprocess.Popen([sys.executable, "-m", "recbole_llm.cli", "--model=Pop,BPR", "--dataset=ml-tiny",
-                            "--results=r.jsonl", "--table=t.md", "--plots=off", *flags],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with open("out.txt", "w") as out, open("err.txt", "w") as err:  # files, not pipes: nothing blocks on a full pipe
+        cli = subprocess.Popen([sys.executable, "-m", "recbole_llm.cli", "--model=Pop,BPR", "--dataset=ml-tiny",
+                                "--results=r.jsonl", "--table=t.md", "--plots=off", *flags],
+                               stdout=out, stderr=err, start_new_session=True)
+
+    def is_model_process(process) -> bool:
+        try:
+            return "spawn_main" in " ".join(process.cmdline())
+        except psutil.Error:  # it ended meanwhile
+            return False
+
+    def bpr_process():  # the model process started after Pop's record was written
+        if not (Path("r.jsonl").exists() and Path("r.jsonl").read_text().strip()):
+            return None
+        return next((child for child in psutil.Process(cli.pid).children() if is_model_process(child)), None)
+
     deadline = time.monotonic() + 300
-    while not (Path("r.jsonl").exists() and Path("r.jsonl").read_text().strip()) and time.monotonic() < deadline:
-        assert cli.poll() is None, cli.communicate()
+    while bpr_process() is None and time.monotonic() < deadline:
+        assert cli.poll() is None, Path("err.txt").read_text()
         time.sleep(0.2)
-    time.sleep(3)  # BPR's process has started
+    time.sleep(2)  # BPR's run under way
     children = psutil.Process(cli.pid).children(recursive=True)
+    assert any(is_model_process(child) for child in children)
     os.killpg(cli.pid, signal.SIGINT)
-    out, err = cli.communicate(timeout=120)
+    cli.wait(timeout=120)
+    out, err = Path("out.txt").read_text(), Path("err.txt").read_text()
     assert cli.returncode == 130, err
     assert "interrupted during BPR" in err
     assert "| | Pop |" in out and "BPR |" not in out  # the table of the finished model only
     assert "interrupted during BPR: finished runs only" in Path("t.md").read_text()
     assert [json.loads(line)["model"] for line in Path("r.jsonl").read_text().splitlines()] == ["Pop"]
-    assert children and not [child for child in children if child.is_running() and child.status() != "zombie"]
+    _, alive = psutil.wait_procs(children, timeout=30)  # the model's process, and multiprocessing's tracker
+    assert not alive
