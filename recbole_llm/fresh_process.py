@@ -94,7 +94,10 @@ def _death(function, exitcode: int | None) -> str:
     """Why a child that sent nothing back ended, in words."""
     name = function.__qualname__
     if exitcode is not None and exitcode < 0:
-        signal_name = signal.Signals(-exitcode).name
+        try:
+            signal_name = signal.Signals(-exitcode).name
+        except ValueError:  # a signal without a name here (a real-time one)
+            signal_name = f"signal {-exitcode}"
         hint = " (the kernel's out-of-memory killer sends SIGKILL: see dmesg)" if -exitcode == signal.SIGKILL else ""
         return f"the child process running {name} was killed by {signal_name}{hint} before it returned"
     return f"the child process running {name} exited with status {exitcode} before it returned"

@@ -1,7 +1,14 @@
 """run_recbole_llm.py as a user runs it: errors, comparison table, JSON records, tuning."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from recbole_llm.cli import main
 
@@ -78,14 +85,6 @@ def test_tuning_selects_on_validation_and_writes_trials(base_config, capsys, tmp
 def test_ctrl_c_during_a_comparison_keeps_the_finished_models_and_ends_every_process(base_config, tmp_path):
     # as a user presses Ctrl-C: SIGINT to the whole foreground process group (the CLI and the model's process),
     # once Pop's record is written and while BPR trains (up to 300 epochs)
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
     flags = _flags({**base_config, "epochs": 300, "stopping_step": 300})
     with open("out.txt", "w") as out, open("err.txt", "w") as err:  # files, not pipes: nothing blocks on a full pipe
         cli = subprocess.Popen([sys.executable, "-m", "recbole_llm.cli", "--model=Pop,BPR", "--dataset=ml-tiny",
