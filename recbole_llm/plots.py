@@ -55,13 +55,15 @@ def _loss_value(loss) -> float:
     return float(sum(loss)) if isinstance(loss, (list, tuple)) else float(loss)
 
 
-def _batch_curves(rows) -> dict[str, tuple[list[float], list[float]]]:
-    """Per loss function, (x in epochs, moving average of the batch losses) from ``[name, epoch, batch, loss]``."""
+def _batch_curves(rows) -> tuple[dict[str, tuple[list[float], list[float]]], list[float]]:
+    """Per loss function, (x in epochs, moving average of the batch losses) from ``[name, epoch, batch, loss]``,
+    and where each stage after the first starts. Stages come one after another on the epoch axis, in the order they
+    trained (CALRec's Stage I or ILM's phase one, then fit's epochs), each ``max epoch + 1`` epochs wide."""
     grouped = defaultdict(list)
     for name, epoch, batch, loss in rows:
         grouped[name].append((epoch, batch, loss))
-    curves = {}
-    for name, points in grouped.items():
+    curves, offset, starts = {}, 0.0, []
+    for name, points in grouped.items():  # in the order each loss function first trained
         per_epoch = defaultdict(int)
         for epoch, batch, _ in points:
             per_epoch[epoch] = max(per_epoch[epoch], batch + 1)
@@ -69,8 +71,10 @@ def _batch_curves(rows) -> dict[str, tuple[list[float], list[float]]]:
         losses = [loss for _, _, loss in points]
         smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
                   for i in range(len(losses))]
-        curves[name] = ([epoch + (batch + 1) / per_epoch[epoch] for epoch, batch, _ in points], smooth)
-    return curves
+        curves[name] = ([offset + epoch + (batch + 1) / per_epoch[epoch] for epoch, batch, _ in points], smooth)
+        offset += max(per_epoch) + 1
+        starts.append(offset)
+    return curves, starts[:-1]
 
 
 def plot_curves(records: list[dict], path) -> Path:
@@ -90,11 +94,17 @@ def curves_figure(records: list[dict]):
         axes = figure.add_subplot(rows, columns, index + 1)
         axes.set_title(record["model"], fontsize=10)
         axes.set_xlabel("epoch")
-        drawn = False
+        drawn, fit_start = False, 0.0
         if record.get("train_batch_losses"):
-            for name, (xs, ys) in _batch_curves(record["train_batch_losses"]).items():
+            curves, starts = _batch_curves(record["train_batch_losses"])
+            for name, (xs, ys) in curves.items():
                 axes.plot(xs, ys, linewidth=1, label=f"train loss ({name})")
                 drawn = True
+            for start in starts:  # a stage's end: the next one starts its epochs there
+                axes.axvline(start, color="grey", linestyle=":", linewidth=1)
+            if starts:
+                axes.set_xlabel("epoch (stages one after another)")
+                fit_start = starts[-1]  # validations count fit's epochs, which train last
         elif any(_loss_value(loss) for _, loss in record.get("train_losses") or []):
             # (a model with nothing to train, RecBole's Pop, logs a loss of 0 every epoch: no curve to draw)
             epochs = [epoch + 1 for epoch, _ in record["train_losses"]]
@@ -104,8 +114,8 @@ def curves_figure(records: list[dict]):
         axes.set_ylabel("training loss")
         handles, labels = axes.get_legend_handles_labels()
         # the learning curve (validations inside epochs too, LLM trainers' valid_curve), else RecBole's epoch ends
-        points = ([(point["epochs"], point["valid_score"]) for point in record.get("valid_curve") or []]
-                  or [(epoch + 1, score) for epoch, score in record.get("valid_scores") or []])
+        points = ([(fit_start + point["epochs"], point["valid_score"]) for point in record.get("valid_curve") or []]
+                  or [(fit_start + epoch + 1, score) for epoch, score in record.get("valid_scores") or []])
         if points:
             twin = axes.twinx()
             twin.plot(*zip(*points), color="tab:red", marker="o", label=f"valid {record['valid_metric']}")

@@ -192,15 +192,19 @@ def test_learning_curves_draw_batch_losses_of_every_stage_and_the_valid_metric(t
     panels = curves_figure([llm, baseline, curved]).axes  # in drawing order: each panel, then its twin if any
     assert [panel.get_title() for panel in panels] == ["CALRec", "", "Pop", "", "SemConv", ""]
     lines = {line.get_label(): line for line in panels[0].get_lines()}
-    assert set(lines) == {"train loss (stage_loss)", "train loss (batch_loss)"}
-    # each stage's batches spread over its epochs, ending at the epoch's end
-    assert list(lines["train loss (batch_loss)"].get_xdata()[[0, 9, 10, 19]]) == pytest.approx([0.1, 1, 1.1, 2])
-    assert lines["train loss (stage_loss)"].get_xdata()[-1] == pytest.approx(1)
+    (boundary,) = [line for label, line in lines.items() if label.startswith("_")]  # the dotted line between stages
+    assert set(lines) - {boundary.get_label()} == {"train loss (stage_loss)", "train loss (batch_loss)"}
+    # stages one after another, each stage's batches spread over its epochs, ending at the epoch's end: Stage I's
+    # one epoch over [0, 1], fit's two over [1, 3]
+    assert lines["train loss (stage_loss)"].get_xdata()[[0, -1]] == pytest.approx([0.05, 1])
+    assert list(lines["train loss (batch_loss)"].get_xdata()[[0, 9, 10, 19]]) == pytest.approx([1.1, 2, 2.1, 3])
+    assert list(boundary.get_xdata()) == [1, 1] and panels[0].get_xlabel() == "epoch (stages one after another)"
+    assert panels[2].get_xlabel() == "epoch"
     assert not panels[2].get_lines()  # Pop: no loss curve at 0, only its validation
     twins = [panels[1].get_lines()[0], panels[3].get_lines()[0], panels[5].get_lines()[0]]
     assert {t.get_label() for t in twins} == {"valid NDCG@10"}
-    # epoch ends, then the curve inside epochs
-    assert [list(t.get_xdata()) for t in twins] == [[1, 2], [1], [0.5, 1, 2]]
+    # epoch ends, then the curve inside epochs; fit's validations after the stage before fit
+    assert [list(t.get_xdata()) for t in twins] == [[2, 3], [1], [1.5, 2, 3]]
     assert list(twins[2].get_ydata()) == [0.02, 0.01, 0.03]
     # a run with nothing to draw (no loss above 0, no validation) says so instead of an empty panel
     untrained = {"model": "Pop", "valid_metric": "NDCG@10", "train_losses": [[0, 0.0]], "valid_scores": []}
