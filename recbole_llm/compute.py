@@ -8,8 +8,9 @@ per training token and a frozen one that gradients pass through (the base weight
 ``4 in out``; LoRA's adapter matrices are trained weights of their own. Self-attention's score and value products
 cost ``4 n_layers d_attn`` FLOPs per token and attended position forward, three times that in training. The LM
 head is counted per *predicted* position (the methods here apply it only where a token is predicted), not per
-input token. Model-FLOPs utilisation (MFU) is the FLOPs a run's tokens needed per second over the machine's peak,
-measured by :func:`matmul_peak` in the same process for the dtype the run computed in.
+input token. Model-FLOPs utilisation (MFU) is the FLOPs a run's tokens needed per second over the machine's peak
+(:func:`mfu_peak`), measured by :func:`matmul_peak` in the same process: the rate of the dtype the run computed in,
+or fp32's where that is faster (a dtype the hardware only emulates).
 """
 
 from __future__ import annotations
@@ -98,3 +99,14 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", size: i
             synchronize()
     synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def mfu_peak(dtype: torch.dtype, device: str = "cpu") -> tuple[float, torch.dtype]:
+    """The peak a run computing in ``dtype`` is measured against, and the dtype that reached it: the faster of
+    ``dtype``'s matrix-multiply rate and fp32's. Where the hardware computes ``dtype`` natively (bf16 on a GPU or a
+    CPU with AVX512-BF16 / AMX) that is ``dtype``'s own rate; where it emulates it (bf16 forced on a CPU without
+    them), the emulation is slower than fp32, and its rate would flatter a run the machine could have computed in
+    fp32 at fp32's rate."""
+    rates = {candidate: matmul_peak(candidate, device) for candidate in dict.fromkeys((dtype, torch.float32))}
+    fastest = max(rates, key=rates.get)
+    return rates[fastest], fastest

@@ -67,6 +67,17 @@ def test_the_matmul_probe_measures_a_plausible_rate():
     assert matmul_peak(torch.float32, "cpu", size=256, seconds=0.2) == rate  # measured once per process
 
 
+def test_mfu_is_taken_against_the_faster_of_the_dtypes_rate_and_fp32s(monkeypatch):
+    from recbole_llm import compute
+
+    rates = {torch.bfloat16: 4e11, torch.float32: 1e11}  # native bf16: four times fp32's rate
+    monkeypatch.setattr(compute, "matmul_peak", lambda dtype, device: rates[dtype])
+    assert compute.mfu_peak(torch.bfloat16) == (4e11, torch.bfloat16)
+    assert compute.mfu_peak(torch.float32) == (1e11, torch.float32)
+    rates[torch.bfloat16] = 2e10  # emulated bf16: slower than fp32, which the machine could have computed in
+    assert compute.mfu_peak(torch.bfloat16) == (1e11, torch.float32)
+
+
 @pytest.fixture
 def calrec_run(base_config):
     return {**base_config, "llm_path": "tiny-random", "calrec_stages": [2], "train_targets_per_user": 2,
@@ -74,26 +85,28 @@ def calrec_run(base_config):
             "calrec_window_context": 1, "eval_step": 0, "eval_max_users": 5}
 
 
-@pytest.mark.parametrize("native_bf16, trained_in", [("0", "float32"), ("1", "bfloat16")])
-def test_an_llm_run_records_its_throughput_flops_and_mfu(calrec_run, monkeypatch, native_bf16, trained_in):
+@pytest.mark.parametrize("native_bf16, llm_dtype, computed_in",
+                         [("0", "auto", "float32"), ("1", "auto", "bfloat16"), ("0", "bf16", "bfloat16")])
+def test_an_llm_run_records_its_throughput_flops_and_mfu(calrec_run, monkeypatch, native_bf16, llm_dtype,
+                                                         computed_in):
     from recbole_llm.quick_start import run_recbole_llm
 
     # llm_dtype auto: fp32 on a CPU without native bf16, bf16 autocast on one with it (forced here, so that both
-    # paths run on every machine); the peak MFU is taken against is the one of the dtype the run computed in
+    # paths run on every machine); llm_dtype bf16: bf16 weights, no autocast. The peak MFU is taken against is the
+    # computing dtype's, or fp32's where that is faster (bf16 forced on a CPU that emulates it)
     from recbole_llm.llm.backbone import cpu_has_native_bf16
 
     monkeypatch.delenv("RECBOLE_LLM_CPU_BF16", raising=False)
-    native = trained_in == "float32" or cpu_has_native_bf16()  # this CPU's own answer, before forcing it
+    native = cpu_has_native_bf16()  # this CPU's own answer, before forcing it
     monkeypatch.setenv("RECBOLE_LLM_CPU_BF16", native_bf16)
-    record = run_recbole_llm("CALRec", "ml-tiny", config_dict=calrec_run)
+    record = run_recbole_llm("CALRec", "ml-tiny", config_dict={**calrec_run, "llm_dtype": llm_dtype})
     compute = record["train_compute"]
     # CALRec fully fine-tunes: 6 FLOPs per body weight and token, and the (tied, trained) head on the predicted
     # positions, fewer than the tokens (history and the target-only tower are not predicted)
     assert 6 * BODY < compute["flops_per_token"] < 6 * (BODY + HEAD)
-    assert compute["mfu"] > 0 and compute["peak_dtype"] == trained_in
-    if native:  # a peak bounds what the run reached; a CPU without native bf16 emulates it, and its emulation runs
-        # the tiny backbone's small products faster than the probe's 1,024-wide ones: no bound there
-        assert compute["mfu"] < 1
+    assert compute["compute_dtype"] == computed_in
+    assert compute["peak_dtype"] == (computed_in if native else "float32")
+    assert 0 < compute["mfu"] < 1  # a peak bounds what the run reached
     assert record["train_targets_per_second"] > 0 and record["train_tokens_per_second"] > 0
     assert record["train_batch_losses"] and {row[0] for row in record["train_batch_losses"]} == {"batch_loss"}
     from recbole_llm.quick_start import comparison_table

@@ -62,7 +62,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from recbole_llm import distributed
-from recbole_llm.compute import matmul_peak, matmul_weights
+from recbole_llm.compute import matmul_weights, mfu_peak
 from recbole_llm.errors import UsageError
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
 from recbole_llm.llm.backbone import autocast_dtype
@@ -342,19 +342,23 @@ class LLMTrainer(Trainer):
     def compute_report(self) -> dict | None:
         """What training computed, for the run's record: the backbone's FLOPs per training token (its weights
         counted by role, :mod:`recbole_llm.compute`; the LM head over the positions the model reported; attention
-        products not counted), the FLOP/s reached, the machine's matrix-multiply peak in the run's dtype (measured
-        in this process, times the number of processes) and their ratio, the model-FLOPs utilisation."""
+        products not counted), the FLOP/s reached, the dtype it computed in (autocast's, else the backbone's
+        weights'), the machine's matrix-multiply peak for it (:func:`~recbole_llm.compute.mfu_peak`, measured in
+        this process, times the number of processes) and their ratio, the model-FLOPs utilisation."""
         names = getattr(self.model, "backbone_modules", ())
         if not (self.train_tokens and self.train_seconds and names):
             return None
-        weights = matmul_weights(getattr(self.model, names[0]))
+        backbone = getattr(self.model, names[0])
+        weights = matmul_weights(backbone)
         flops = weights.training_flops(self.train_tokens, self.train_predictions)
-        dtype = self.autocast_dtype or torch.float32
-        peak = matmul_peak(dtype, self.device.type) * distributed.world_size()
+        dtype = self.autocast_dtype or next((p.dtype for p in backbone.parameters() if p.is_floating_point()),
+                                            torch.float32)
+        peak, peak_dtype = mfu_peak(dtype, self.device.type)
+        peak *= distributed.world_size()
         achieved = flops / self.train_seconds
         return {"flops_per_token": round(flops / self.train_tokens), "tflops": round(achieved / 1e12, 4),
-                "peak_tflops": round(peak / 1e12, 4), "peak_dtype": str(dtype).removeprefix("torch."),
-                "mfu": round(achieved / peak, 4)}
+                "compute_dtype": str(dtype).removeprefix("torch."), "peak_tflops": round(peak / 1e12, 4),
+                "peak_dtype": str(peak_dtype).removeprefix("torch."), "mfu": round(achieved / peak, 4)}
 
     def _loss(self, loss_func, batch):
         """``loss_func(batch)``; in a distributed run through the data-parallel wrapper, so its gradient
