@@ -41,6 +41,7 @@ VOLATILE_KEYS = frozenset({
     "dataloaders_save_path", "llm_cache_dir", "preset", "metric_decimal_place", "loss_decimal_place",
     "verbose", "world_size", "ip", "port", "offset", "dist_backend", "tune_cpus_per_trial", "tune_gpus_per_trial",
     "valid_curve_steps",  # validations inside an epoch put the random streams back: they change nothing trained
+    "llm_trim_memory",  # where freed memory goes, not what is computed
 })
 
 def to_jsonable(value):

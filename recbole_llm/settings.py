@@ -193,6 +193,7 @@ COMMON: dict[str, Setting] = {
     "llm_dtype": choice("auto", "fp32", "bf16", "fp16"),
     "llm_quantization": choice("none", "8bit", "4bit"),
     "llm_gradient_checkpointing": boolean(),
+    "llm_trim_memory": boolean(),
     "llm_cache_dir": text(nullable=True, example="~/.cache/recbole_llm"),
     "lora_r": integer(0),
     "lora_alpha": number(above=0, example="16"),

@@ -46,7 +46,7 @@ def texts(go: Path, name: str, settings: dict) -> dict:
     wait_for(go, name)
     with torch.no_grad():
         written = write_texts(model, tokenizer, prompts, [str(i) for i in range(12)], Path(settings["file"]),
-                              Decoding(max_new_tokens=6, temperature=0.8), batch_size=4, progress=False)
+                              Decoding(max_new_tokens=6, temperature=0.8, batch_size=4), progress=False)
     return {"prefills": len(prefills), "texts": written}
 
 

@@ -114,7 +114,7 @@ def test_a_local_backbone_retrained_in_place_is_another_input(base_config, tmp_p
     from recbole_llm.model.rallrec import RALLRec
 
     local = materialize_tiny_random(tmp_path / "my-llm")
-    settings = {"llm_path": str(local), "llm_dtype": "fp32", "llm_quantization": "none"}
+    settings = {"llm_path": str(local), "llm_dtype": "fp32", "llm_quantization": "none", "device": "cpu"}
     before = _keys(base_config, llm_path=str(local)), RALLRec._backbone_id(settings)
     assert (_keys(base_config, llm_path=str(local)), RALLRec._backbone_id(settings)) == before
 

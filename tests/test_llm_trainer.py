@@ -382,3 +382,18 @@ def test_validations_inside_an_epoch_leave_the_random_streams_training_draws_fro
     assert len(curved["valid_curve"]) >= 4  # three or more inside the epoch, and its end
     assert [row[3] for row in curved["train_batch_losses"]] == pytest.approx(
         [row[3] for row in plain["train_batch_losses"]], rel=1e-6)
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_the_heap_is_trimmed_after_every_optimizer_step_unless_turned_off(toy_config, monkeypatch, trim):
+    from recbole_llm.trainer import llm_trainer
+
+    trims, steps = [], []
+    monkeypatch.setattr(llm_trainer, "trim_heap", lambda: trims.append(len(steps)))
+    trainer, train, _ = _scheduled_run(toy_config, gradient_accumulation_steps=2, llm_trim_memory=trim)
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: steps.append(1))
+    trainer._train_epoch(train, 0)
+    n_steps = -(-len(train) // 2)  # batches / accumulation, rounded up
+    assert len(steps) == n_steps >= 2
+    # after each step, before the next one
+    assert trims == (list(range(1, n_steps + 1)) if trim else [])

@@ -4,7 +4,9 @@ the checkpoint round trip."""
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -135,11 +137,12 @@ class CountingLLM(torch.nn.Module):
 
     def __init__(self, model, interrupt_after: int | None = None):
         super().__init__()
-        self.model, self.prefills, self.interrupt_after = model, 0, interrupt_after
+        self.model, self.prefills, self.interrupt_after, self.rows = model, 0, interrupt_after, []
 
     def forward(self, **inputs):
         if inputs.get("cache") is None:
             self.prefills += 1
+            self.rows.append(len(inputs["input_ids"]))
             if self.interrupt_after is not None and self.prefills > self.interrupt_after:
                 raise KeyboardInterrupt
         return self.model(**inputs)
@@ -159,7 +162,7 @@ def test_descriptions_are_cached_and_an_interrupted_sampled_run_resumes_to_the_s
     sampled = Decoding(max_new_tokens=8, min_new_tokens=2, temperature=0.8, top_p=0.9, seed=3)
 
     def write(llm, file, batch_size=3, decoding=sampled):
-        return write_texts(llm, tokenizer, prompts, keys, tmp_path / file, decoding, batch_size=batch_size,
+        return write_texts(llm, tokenizer, prompts, keys, tmp_path / file, replace(decoding, batch_size=batch_size),
                            progress=False)
 
     with pytest.raises(KeyboardInterrupt):
@@ -177,6 +180,14 @@ def test_descriptions_are_cached_and_an_interrupted_sampled_run_resumes_to_the_s
     other_seed = write(CountingLLM(model), "g.jsonl", decoding=Decoding(**{**sampled.__dict__, "seed": 4}))
     assert sum(a != b for a, b in zip(other_seed, texts)) >= 8 and len(set(texts)) >= 8  # texts are sampled
 
+    # a run cut while it wrote a batch (the first four texts kept: the second batch, prompts 3-5, only begun):
+    # the batches are the uninterrupted run's, so under reduced precision (where a prompt's logits depend on the
+    # rows beside it) the texts are too: the begun batch whole (3 rows), then 6-8 (3), then 9 (1)
+    (tmp_path / "h.jsonl.partial").write_text(
+        "".join(json.dumps({"key": keys[i], "text": texts[i]}) + "\n" for i in range(4)))
+    cut = CountingLLM(model)
+    assert write(cut, "h.jsonl") == texts and cut.rows == [3, 3, 1]
+
 
 def test_llm_descriptions_are_keyed_by_their_prompts_and_decoding(rallrec_config):
     settings = {**rallrec_config, "rallrec_descriptions": "llm", "rallrec_description_tokens": 4,
@@ -190,6 +201,18 @@ def test_llm_descriptions_are_keyed_by_their_prompts_and_decoding(rallrec_config
     assert len(list((model._cache(config) / "descriptions").glob("ml-tiny-*.jsonl"))) == 2
     build_rallrec({**settings, "item_domain": "book"})  # other prompts, same backbone and decoding
     assert len(list((model._cache(config) / "descriptions").glob("ml-tiny-*.jsonl"))) == 3
+    build_rallrec({**settings, "rallrec_description_batch_size": 32})  # under bf16 the batch shapes the texts
+    assert len(list((model._cache(config) / "descriptions").glob("ml-tiny-*.jsonl"))) == 4
+
+
+def test_the_backbones_cache_identity_holds_the_precision_it_computes_in(monkeypatch):
+    # llm_dtype auto computes in bf16 on a CPU with native bf16 and in fp32 on one without: other outputs
+    config = {"llm_path": "tiny-random", "llm_dtype": "auto", "llm_quantization": "none", "device": "cpu"}
+    monkeypatch.setenv("RECBOLE_LLM_CPU_BF16", "1")
+    with_bf16 = RALLRec._backbone_id(config)
+    monkeypatch.setenv("RECBOLE_LLM_CPU_BF16", "0")
+    assert RALLRec._backbone_id(config) != with_bf16
+    assert RALLRec._backbone_id({**config, "llm_dtype": "fp32"}) != RALLRec._backbone_id(config)
 
 
 # ------------------------------------------------------------------------------------------------- scoring

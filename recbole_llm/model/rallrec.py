@@ -33,7 +33,7 @@ from recbole_llm.collaborative import collaborative_vectors, regress_cold_items
 from recbole_llm.cache import cache_root, minilm_dir, write_dir_atomically
 from recbole_llm.data.item_text import ItemTextBuilder, read_item_table
 from recbole_llm.errors import InputFileError
-from recbole_llm.llm.backbone import autocast, backbone_from_config
+from recbole_llm.llm.backbone import autocast, autocast_dtype, backbone_from_config
 from recbole_llm.locks import build_once
 from recbole_llm.llm.descriptions import Decoding, chat_prompt, generation_key, write_texts
 from recbole_llm.llm.examples import ExampleBatches, TokenBatch, example, predicted_positions, response_token_losses
@@ -301,8 +301,11 @@ class RALLRec(SequentialRecommender):
 
     @staticmethod
     def _backbone_id(config) -> str:
-        """What identifies the backbone's outputs in cache keys: its content, dtype and quantization."""
-        return f"{backbone_fingerprint(config['llm_path'])}|{config['llm_dtype']}|{config['llm_quantization']}"
+        """What identifies the backbone's outputs in cache keys: its content, dtype and quantization, and the
+        precision it computes in here (``llm_dtype: auto`` is bf16 autocast on one machine, fp32 on another)."""
+        computes_in = autocast_dtype(config["llm_dtype"] or "auto", config["device"])
+        return (f"{backbone_fingerprint(config['llm_path'])}|{config['llm_dtype']}|{config['llm_quantization']}"
+                f"|{computes_in}")
 
     def _cache(self, config) -> Path:
         return Path(config["llm_cache_dir"] or cache_root())
@@ -318,13 +321,13 @@ class RALLRec(SequentialRecommender):
                                DESCRIPTION_SYSTEM) for i in items]
         decoding = Decoding(max_new_tokens=int(config["rallrec_description_tokens"]),
                             temperature=float(config["rallrec_description_temperature"]),
-                            top_p=float(config["rallrec_description_top_p"]), seed=self.seed)
+                            top_p=float(config["rallrec_description_top_p"]), seed=self.seed,
+                            batch_size=int(config["rallrec_description_batch_size"]))
         key = generation_key(self._backbone_id(config), prompts, decoding)
         file = self._cache(config) / "descriptions" / f"{config['dataset']}-{key}.jsonl"
         tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field][1:]]
         with autocast(config["llm_dtype"] or "auto", config["device"]):  # bf16 where the hardware has it
             texts = write_texts(self.llm, self.tokenizer, prompts, tokens, file, decoding,
-                                batch_size=int(config["rallrec_description_batch_size"]),
                                 progress=bool(config["show_progress"]))
         return [""] + texts
 

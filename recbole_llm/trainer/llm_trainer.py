@@ -67,7 +67,7 @@ from recbole_llm.errors import UsageError
 from recbole_llm.fingerprint import resolved_settings, run_fingerprint, to_jsonable
 from recbole_llm.llm.backbone import autocast_dtype
 from recbole_llm.locks import exclusive
-from recbole_llm.memory import release_memory
+from recbole_llm.memory import release_memory, trim_heap
 from recbole_llm.trainer import data_parallel
 from recbole_llm.trainer.resume import shuffle_generator
 from recbole_llm.trainer.checkpoint import (META, load_optimizer, load_weights, optimizer_state, read_meta,
@@ -193,6 +193,9 @@ class LLMTrainer(Trainer):
         self.saved_model_file = str(self.run_dir / "best")
         self.last_checkpoint = self.run_dir / "last"
         self.autocast_dtype = autocast_dtype(config["llm_dtype"] or "auto", self.device)
+        # freed pages back to the system after every optimizer step: on a CPU the heap otherwise grows from batch
+        # to batch far beyond what training holds (RALLRec's cpu preset: 4.47 -> 3.79 GiB, BENCHMARKS.md)
+        self.trim_memory = bool(config["llm_trim_memory"]) and self.device.type == "cpu"
         self.train_tokens = 0
         self.train_targets = 0  # next-item targets (or examples) trained on, where the model counts them
         self.train_predictions = 0  # positions through the LM head, where the model counts them (compute_report)
@@ -284,6 +287,8 @@ class LLMTrainer(Trainer):
                 self._schedule_step(n_batches)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.trim_memory:
+                    trim_heap()
                 stepped += 1
             if step.weight:  # not a process's stand-in pass (its window had fewer batches than processes)
                 total_loss = add_losses(total_loss, tuple(l.item() for l in losses) if isinstance(losses, tuple)
